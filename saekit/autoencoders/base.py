@@ -34,17 +34,46 @@ def register(kind: str):
 
 @dataclass
 class Output:
-    """What ``forward`` returns. ``losses`` are the named parts; the trainer minimizes their sum."""
+    """What ``forward`` returns. ``losses`` are the named parts; the trainer minimizes their sum.
+
+    The code comes either dense (``code``, [B, n]) or, for TopK-style models whose fast path never
+    forms a dense [B, n] tensor, sparse (``indices`` and ``values``, [B, k]); ``code`` may then be None.
+    """
 
     x_hat: Tensor  # [B, d] in raw activation units
-    code: Tensor  # [B, n] dense code (what encode returns)
+    code: Tensor | None = None  # [B, n] dense code
+    indices: Tensor | None = None  # [B, k] active latent ids (sparse form)
+    values: Tensor | None = None  # [B, k] their activations
     losses: dict[str, Tensor] = field(default_factory=dict)
-    # Extra per-batch tensors a trainer or metric may want (e.g. pre-activations), never needed.
+    # Extra per-batch tensors a trainer or metric may want (e.g. pre-activations), never required.
     extras: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def loss(self) -> Tensor:
         return sum(self.losses.values())
+
+    def active(self) -> Tensor:
+        """Boolean [B, n] of nonzero code entries (dense code only)."""
+        return self.code != 0
+
+    def nonzero_per_token(self) -> Tensor:
+        """[B] number of nonzero code entries per token."""
+        if self.code is not None:
+            return (self.code != 0).sum(-1)
+        return (self.values != 0).sum(-1)
+
+    def fire_counts(self, n_latents: int) -> Tensor:
+        """[n] number of tokens in the batch on which each latent was nonzero."""
+        if self.code is not None:
+            return (self.code != 0).sum(0)
+        idx = self.indices[self.values != 0]
+        return torch.bincount(idx.flatten(), minlength=n_latents)
+
+    def dense_code(self, n_latents: int) -> Tensor:
+        if self.code is not None:
+            return self.code
+        dense = self.values.new_zeros(self.values.shape[0], n_latents)
+        return dense.scatter_(1, self.indices, self.values)
 
 
 class Autoencoder(nn.Module):
