@@ -1,0 +1,100 @@
+"""`saekit harvest | train | evaluate | analyze | compare | demo`: thin calls into the library.
+
+Every stage takes an optional YAML file plus ``--key value`` overrides that use the same names as the
+file (dotted for nested sections: ``--model.k 64``). Nothing in the library imports this module.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from saekit.config import (AnalyzeConfig, ConfigError, EvalConfig, HarvestConfig, TrainConfig,
+                           load_config, parse_override_args)
+
+
+def _stage_config(cls, path, extra):
+    return load_config(cls, path, parse_override_args(extra))
+
+
+def cmd_harvest(path, extra):
+    from saekit.harvest import harvest
+
+    out = harvest(_stage_config(HarvestConfig, path, extra))
+    print(f"store: {out}")
+
+
+def cmd_train(path, extra):
+    from saekit.training import train
+
+    out = train(_stage_config(TrainConfig, path, extra))
+    print(f"run: {out}")
+
+
+def cmd_evaluate(run, extra):
+    from saekit.evaluation import evaluate_run
+
+    cfg = load_config(EvalConfig, None, {"run": run, **parse_override_args(extra)})
+    print(json.dumps(evaluate_run(cfg), indent=2))
+
+
+def cmd_analyze(run, extra):
+    from saekit.analysis import analyze_run
+
+    cfg = load_config(AnalyzeConfig, None, {"run": run, **parse_override_args(extra)})
+    print(f"dashboard: {analyze_run(cfg)}")
+
+
+def cmd_compare(path, extra):
+    from saekit.evaluation.compare import compare
+
+    print(f"report: {compare(path, parse_override_args(extra))}")
+
+
+def cmd_demo(path, extra):
+    from saekit.demo import run_demo
+
+    run_demo(path, parse_override_args(extra))
+
+
+COMMANDS = {
+    "harvest": (cmd_harvest, "CONFIG", "capture activations into an on-disk store"),
+    "train": (cmd_train, "CONFIG", "train an autoencoder on a store"),
+    "evaluate": (cmd_evaluate, "RUN_DIR", "metrics for a trained run (written beside the model)"),
+    "analyze": (cmd_analyze, "RUN_DIR", "top-activating contexts and an HTML dashboard"),
+    "compare": (cmd_compare, "CONFIG", "train and evaluate several families on one store"),
+    "demo": (cmd_demo, "CONFIG", "harvest, train, evaluate and analyze on the built-in model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="saekit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, arg, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text,
+                           description=f"{help_text}. Extra --key value pairs override the config.")
+        optional = arg == "CONFIG"
+        p.add_argument("target", metavar=arg, nargs="?" if optional else None, default=None)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS or any(a in ("-h", "--help") for a in argv[1:2]):
+        parser.parse_args(argv)  # prints usage/help and exits
+    # Parsed by hand so "--key value" overrides never get mistaken for the positional argument.
+    command, rest = argv[0], argv[1:]
+    target = rest.pop(0) if rest and not rest[0].startswith("--") else None
+    if target is None and COMMANDS[command][1] == "RUN_DIR":
+        parser.error(f"saekit {command} needs a RUN_DIR")
+    args, extra = argparse.Namespace(command=command, target=target), rest
+    fn = COMMANDS[args.command][0]
+    try:
+        fn(args.target, extra)
+    except ConfigError as err:
+        print(f"saekit {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"saekit {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

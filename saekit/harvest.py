@@ -1,0 +1,120 @@
+"""Stage 1: run a language model over text and write the activations at its hook points to a store.
+
+The harvest is a pure function of its config: the same config always yields the same packed windows in
+the same order, and shard boundaries depend only on sequence counts, so a run killed at any moment and
+started again skips the windows already on disk and ends with exactly the store an uninterrupted run
+writes. Disk writes run on a background thread so the forward pass never waits on I/O.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import threading
+from pathlib import Path
+
+import torch
+
+from saekit.config import ConfigError, HarvestConfig, resolve_device, resolve_dtype
+from saekit.data.store import StoreWriter
+from saekit.data.text import iter_texts
+from saekit.data.tokens import iter_windows, special_mask
+from saekit.lm import load_lm, make_capture
+
+# Keys that do not change what is written, so they may differ when resuming a store.
+_NOT_FINGERPRINTED = ("out", "progress")
+
+
+def fingerprint(cfg: HarvestConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
+
+
+def _check(cfg: HarvestConfig) -> None:
+    if cfg.shard_sequences % cfg.batch_size:
+        # Resumed batches must line up with an uninterrupted run's, or float results could differ.
+        raise ConfigError(f"shard_sequences ({cfg.shard_sequences}) must be a multiple of batch_size "
+                          f"({cfg.batch_size})")
+    if cfg.backend not in ("hf", "transformer_lens"):
+        raise ConfigError(f"unknown backend '{cfg.backend}'; valid: hf, transformer_lens")
+
+
+def _batches(windows, batch_size):
+    while batch := list(itertools.islice(windows, batch_size)):
+        yield torch.stack(batch)
+
+
+class _BackgroundWriter:
+    """Feeds StoreWriter.add from a thread; re-raises its errors in the caller."""
+
+    def __init__(self, writer: StoreWriter, depth: int = 4):
+        self.writer, self.queue, self.error = writer, queue.Queue(depth), None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.add(*item)
+                except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                    self.error = err
+
+    def put(self, *item):
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def harvest(cfg: HarvestConfig) -> Path:
+    """Write (or finish writing) the store ``cfg.out``; returns its path."""
+    _check(cfg)
+    device = resolve_device(cfg.device)
+    lm = load_lm(cfg.model, revision=cfg.revision, dtype=resolve_dtype(cfg.model_dtype), device=device)
+    if cfg.context_size > lm.n_ctx:
+        raise ConfigError(f"context_size {cfg.context_size} exceeds the model's {lm.n_ctx} positions")
+    capture = make_capture(lm, cfg.hooks, backend=cfg.backend)  # validates hook names first
+    meta = {"model": cfg.model, "revision": cfg.revision, "architecture": lm.architecture,
+            "tokenizer": getattr(lm.tokenizer, "name_or_path", cfg.model)}
+    writer = StoreWriter(cfg.out, meta=meta, config=fingerprint(cfg), hooks=cfg.hooks, d_model=lm.d_model,
+                         dtype=cfg.dtype, shard_sequences=cfg.shard_sequences, tokenizer=lm.tokenizer,
+                         context_size=cfg.context_size, keep_special_tokens=cfg.keep_special_tokens)
+    if writer.complete:
+        return Path(cfg.out)
+    texts = iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column)
+    windows = iter_windows(lm.tokenizer, texts, cfg.context_size)
+    windows = itertools.islice(windows, writer.sequences_done, None)  # resume: skip what is on disk
+    bar = _progress(cfg, writer.rows_done)
+    background = _BackgroundWriter(writer)
+    rows = writer.rows_done
+    try:
+        for tokens in _batches(windows, cfg.batch_size):
+            if rows >= cfg.max_tokens:
+                break
+            keep = torch.ones_like(tokens, dtype=torch.bool)
+            if not cfg.keep_special_tokens:
+                keep = ~special_mask(lm.tokenizer, tokens)
+            acts = capture(tokens.to(device), torch.ones_like(tokens, device=device))
+            acts = {h: a.to("cpu", resolve_dtype(cfg.dtype)) for h, a in acts.items()}
+            background.put(tokens, keep, acts)
+            n_new = int(keep.sum())
+            rows += n_new
+            bar.update(n_new)
+    finally:
+        background.close()
+        bar.close()
+        capture.close()
+    writer.finish()
+    return Path(cfg.out)
+
+
+def _progress(cfg: HarvestConfig, done: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_tokens, initial=done, unit="tok", unit_scale=True, disable=not cfg.progress,
+                desc="harvest", smoothing=0.1)
