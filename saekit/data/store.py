@@ -1,0 +1,516 @@
+"""The activation store: a directory holding ``manifest.json`` and ``shard_00000.safetensors``, ...
+
+Each shard holds WHOLE sequences (``shard_sequences`` of them, the last shard fewer):
+
+    tokens        int32 [n_seq, ctx]   the full windows, special tokens included (for showing context)
+    seq_index     int64 [n_seq]        global sequence index of each window
+    row_seq       int64 [n_rows]       global sequence index of each activation row
+    row_pos       int32 [n_rows]       position of the row inside its window
+    row_token     int32 [n_rows]       token id at that position
+    acts.<hook>   dtype [n_rows, d]    one tensor per hook; rows are the kept positions, in (seq, pos) order
+
+Global row r of the store is row ``r - first_row`` of the shard whose range holds it. The manifest is the
+single source of truth: a shard counts once it is listed there. Shards and manifest are written to a
+temporary file, fsynced and renamed, so a process killed at any moment leaves either the old or the new
+state; on reopening, anything unlisted is deleted and the writer continues from the last listed shard.
+Since shard boundaries depend only on sequence counts, a killed-and-resumed harvest ends with the same
+bytes as an uninterrupted one (the manifest holds no timestamps for the same reason).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import safe_open
+
+import saekit
+
+from .tokens import tokenizer_meta
+
+FORMAT = "saekit.activation_store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Harvest config keys that do not change what is stored, so they may differ on resume.
+IGNORED_CONFIG_KEYS = ("out", "progress")
+# Meta keys the manifest always has (None when the harvester does not know them).
+META_KEYS = ("model", "revision", "architecture", "context_size", "tokenizer", "keep_special_tokens")
+_OWN_TMP = re.compile(r"(shard_\d+\.safetensors|manifest\.json)\.tmp")
+_SHARD = re.compile(r"shard_\d+\.safetensors")
+# saekit.__version__, or the installed metadata when a stale editable install imports saekit as a
+# namespace package (its __init__ then never runs).
+SAEKIT_VERSION = getattr(saekit, "__version__", None) or importlib.metadata.version("saekit")
+
+
+class StoreError(Exception):
+    """A store directory that cannot be used as asked."""
+
+
+class StoreMismatchError(StoreError):
+    """The directory holds a store made with a different configuration."""
+
+
+class CorruptShardError(StoreError):
+    """A shard file is missing, truncated or does not match its checksum."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to ``<path>.tmp``, fsync, rename over ``path``, fsync the directory (so the rename sticks)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a saekit activation store (format {manifest.get('format')!r})")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise StoreError(f"{path}: store format version {manifest['format_version']} is newer than this "
+                         f"saekit ({SAEKIT_VERSION}) reads ({FORMAT_VERSION})")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------- writer
+class StoreWriter:
+    """Append sequences of activations to a store, one shard per ``shard_sequences`` sequences.
+
+    ``meta`` describes the source (keys in META_KEYS; ``context_size`` is required); the keyword
+    arguments ``tokenizer`` (a HF tokenizer, recorded via ``tokenizer_meta``), ``context_size`` and
+    ``keep_special_tokens`` are shortcuts that fill those meta keys. ``config`` is the
+    full harvest config, stored as is and compared on reopen (minus IGNORED_CONFIG_KEYS). Reopening a
+    directory whose store has a different config, meta, hooks, d_model, dtype, shard size or max_rows
+    raises StoreMismatchError listing each difference; an identical one resumes: ``sequences_done``
+    windows are already stored (skip them), ``complete`` says nothing is left to do. ``max_rows`` caps
+    the store at exactly that many rows (the last sequence keeps only the rows needed; ``full`` then
+    turns True and further ``add`` calls are ignored).
+
+    Full shards are serialized, hashed and written on a background thread (one shard in flight at a
+    time), so a GPU harvest keeps running its forward passes meanwhile. ``finish()`` (or ``close()``,
+    or leaving a ``with`` block) waits for that write; only ``finish()`` marks the store complete.
+    """
+
+    def __init__(self, directory: str | os.PathLike, meta: dict, config: dict, hooks: list[str],
+                 d_model: int, dtype: str = "float32", shard_sequences: int = 256,
+                 max_rows: int | None = None, *, tokenizer=None, context_size: int | None = None,
+                 keep_special_tokens: bool | None = None):
+        meta = dict(meta)
+        if tokenizer is not None:
+            meta["tokenizer"] = tokenizer_meta(tokenizer)
+        if context_size is not None:
+            meta["context_size"] = context_size
+        if keep_special_tokens is not None:
+            meta["keep_special_tokens"] = keep_special_tokens
+        if dtype not in DTYPES:
+            raise ValueError(f"store dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if "context_size" not in meta:
+            raise ValueError("meta must give context_size")
+        if shard_sequences < 1:
+            raise ValueError("shard_sequences must be at least 1")
+        self.directory = Path(directory)
+        self.hooks = list(hooks)
+        self.d_model = int(d_model)
+        self.dtype = DTYPES[dtype]
+        self.shard_sequences = int(shard_sequences)
+        self.max_rows = max_rows
+        self.context_size = int(meta["context_size"])
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                    "saekit_version": SAEKIT_VERSION}
+        manifest.update({key: meta.get(key) for key in META_KEYS})
+        manifest.update({key: value for key, value in meta.items() if key not in META_KEYS})
+        manifest.update({"hooks": self.hooks, "d_model": self.d_model, "dtype": dtype,
+                         "shard_sequences": self.shard_sequences, "max_rows": max_rows,
+                         "config": json.loads(json.dumps(config)),  # plain JSON types, as reread
+                         "n_rows": 0, "n_sequences": 0, "complete": False, "shards": []})
+        self.manifest = manifest
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if (self.directory / MANIFEST).exists():
+            old = _read_manifest(self.directory)
+            self._check_same(old)
+            for key in ("n_rows", "n_sequences", "complete", "shards"):
+                manifest[key] = old[key]
+            self._check_listed_shards()
+        self._discard_unlisted()
+        if not (self.directory / MANIFEST).exists():
+            self._write_manifest()
+        self._reset_pending()
+        # Main-thread counters; the manifest's own counters move only when a shard is on disk.
+        self._seqs_added = manifest["n_sequences"]
+        self._rows_added = manifest["n_rows"]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-store")
+        self._in_flight: Future | None = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------- state for the harvester
+    @property
+    def complete(self) -> bool:
+        return self.manifest["complete"]
+
+    @property
+    def sequences_done(self) -> int:
+        """Sequences committed to disk: a resumed harvest skips this many packed windows."""
+        return self.manifest["n_sequences"]
+
+    @property
+    def rows_done(self) -> int:
+        """Rows committed to disk."""
+        return self.manifest["n_rows"]
+
+    @property
+    def n_rows(self) -> int:
+        """Rows added so far, whether on disk yet or not."""
+        return self._rows_added
+
+    @property
+    def full(self) -> bool:
+        return self.max_rows is not None and self.n_rows >= self.max_rows
+
+    # ---------------------------------------------------------------------------------- writing
+    def add(self, tokens: torch.Tensor, keep: torch.Tensor, acts: dict[str, torch.Tensor]) -> int:
+        """Buffer a batch of whole sequences; returns how many were taken (fewer once ``full``).
+
+        tokens: int [B, T] (T = context_size); keep: bool [B, T], True where a row is stored;
+        acts: {hook: [B, T, d]} on any device (only the kept rows are moved to the CPU).
+        """
+        if self.complete:
+            raise StoreError(f"{self.directory}: store is complete; nothing more can be added")
+        n, t = tokens.shape
+        if t != self.context_size or keep.shape != tokens.shape:
+            raise ValueError(f"tokens and keep must be [B, {self.context_size}], got "
+                             f"{tuple(tokens.shape)} and {tuple(keep.shape)}")
+        if sorted(acts) != sorted(self.hooks):
+            raise ValueError(f"acts must have exactly the hooks {self.hooks}, got {sorted(acts)}")
+        for hook, a in acts.items():
+            if tuple(a.shape) != (n, t, self.d_model):
+                raise ValueError(f"acts[{hook!r}] must be [{n}, {t}, {self.d_model}], got {tuple(a.shape)}")
+        if self.full:
+            return 0
+        keep = keep.to("cpu", torch.bool)
+        if self.max_rows is not None:
+            n, keep = self._cap(keep)
+        start = 0
+        while start < n:
+            stop = min(n, start + self.shard_sequences - self._pending_seqs)
+            self._buffer(tokens[start:stop], keep[start:stop],
+                         {h: a[start:stop] for h, a in acts.items()})
+            start = stop
+            if self._pending_seqs == self.shard_sequences:
+                self._flush(complete=False)
+        return n
+
+    def finish(self) -> None:
+        """Write the last (partial) shard and mark the store complete."""
+        if not self.complete:
+            self._flush(complete=True)
+        self.close()
+
+    def close(self) -> None:
+        """Wait until every submitted shard is on disk; buffered sequences of an unfinished shard are
+        dropped (a resumed harvest produces them again)."""
+        self._wait()
+        self._pool.shutdown(wait=True)
+
+    def _cap(self, keep: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Cut the batch where the store reaches max_rows, dropping surplus rows of the last sequence."""
+        cum = self.n_rows + keep.sum(1).cumsum(0)
+        if len(cum) == 0 or cum[-1] < self.max_rows:
+            return len(keep), keep
+        last = int(torch.searchsorted(cum, torch.tensor(self.max_rows)))
+        keep = keep[: last + 1].clone()
+        surplus = int(cum[last]) - self.max_rows
+        if surplus:
+            positions = keep[last].nonzero().squeeze(1)
+            keep[last, positions[len(positions) - surplus:]] = False
+        return last + 1, keep
+
+    def _reset_pending(self) -> None:
+        names = ["tokens", "seq_index", "row_seq", "row_pos", "row_token"] + [f"acts.{h}" for h in self.hooks]
+        self._pending: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        self._pending_seqs = 0
+        self._pending_rows = 0
+
+    def _buffer(self, tokens, keep, acts) -> None:
+        first = self._seqs_added
+        tokens = tokens.to("cpu")
+        seq_in_batch, pos = keep.nonzero(as_tuple=True)
+        p = self._pending
+        p["tokens"].append(tokens.to(torch.int32))
+        p["seq_index"].append(torch.arange(first, first + len(tokens), dtype=torch.int64))
+        p["row_seq"].append(seq_in_batch + first)
+        p["row_pos"].append(pos.to(torch.int32))
+        p["row_token"].append(tokens[seq_in_batch, pos].to(torch.int32))
+        for hook, a in acts.items():
+            # Select and cast on the activations' own device, so only kept rows, already in the store
+            # dtype, cross to the CPU.
+            p[f"acts.{hook}"].append(a[keep.to(a.device)].to(self.dtype).cpu())
+        self._pending_seqs += len(tokens)
+        self._pending_rows += len(pos)
+        self._seqs_added += len(tokens)
+        self._rows_added += len(pos)
+
+    def _flush(self, complete: bool) -> None:
+        """Hand the buffered sequences (possibly none) to the writer thread as the next shard."""
+        tensors = None
+        if self._pending_seqs:
+            tensors = {name: torch.cat(parts).contiguous() for name, parts in self._pending.items()}
+        job = (tensors, self._pending_seqs, self._pending_rows, complete)
+        self._reset_pending()
+        self._wait()  # the previous shard goes to disk first: keeps the order, bounds the memory
+        self._in_flight = self._pool.submit(self._commit, *job)
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            job, self._in_flight = self._in_flight, None
+            job.result()  # re-raises an error from the writer thread here
+
+    def _commit(self, tensors, n_seq: int, n_rows: int, complete: bool) -> None:
+        """Writer thread: the shard file first, then the manifest that lists it."""
+        m = self.manifest
+        if n_seq:
+            data = safetensors.torch.save(tensors, metadata={"format": "pt"})
+            index = len(m["shards"])
+            _atomic_write(self.directory / shard_name(index), data)
+            m["shards"].append({
+                "file": shard_name(index), "n_rows": n_rows, "n_sequences": n_seq,
+                "first_sequence": m["n_sequences"], "first_row": m["n_rows"],
+                "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+            m["n_rows"] += n_rows
+            m["n_sequences"] += n_seq
+        m["complete"] = complete
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        _atomic_write(self.directory / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
+
+    # ------------------------------------------------------------------------------------ resume
+    @staticmethod
+    def _identity(manifest: dict) -> dict:
+        """What must match for a resume, flattened to dotted keys: everything but the counters, the
+        shard list, the saekit version and the config keys that do not change the content."""
+        skip = {"n_rows", "n_sequences", "complete", "shards", "saekit_version", "config"}
+        config = {k: v for k, v in manifest.get("config", {}).items() if k not in IGNORED_CONFIG_KEYS}
+        return _flatten({k: v for k, v in manifest.items() if k not in skip}) | _flatten(config, "config.")
+
+    def _check_same(self, old: dict) -> None:
+        a, b = self._identity(old), self._identity(self.manifest)
+        diffs = [f"  {key}: {a.get(key, '<absent>')!r} (in store) != {b.get(key, '<absent>')!r} (now)"
+                 for key in sorted(set(a) | set(b)) if a.get(key, "<absent>") != b.get(key, "<absent>")]
+        if diffs:
+            raise StoreMismatchError(
+                f"{self.directory} holds a store made with a different configuration; use another "
+                f"directory or delete this one to start over. Differences:\n" + "\n".join(diffs))
+
+    def _check_listed_shards(self) -> None:
+        for shard in self.manifest["shards"]:
+            path = self.directory / shard["file"]
+            if not path.exists() or path.stat().st_size != shard["bytes"]:
+                raise CorruptShardError(f"{path}: listed in the manifest but missing or truncated; the "
+                                        f"store cannot be resumed")
+
+    def _discard_unlisted(self) -> None:
+        """Delete our own temp files and shards the manifest does not list (a run killed mid-write)."""
+        listed = {s["file"] for s in self.manifest["shards"]}
+        for path in self.directory.iterdir():
+            if _OWN_TMP.fullmatch(path.name) or (_SHARD.fullmatch(path.name) and path.name not in listed):
+                path.unlink()
+
+
+# ------------------------------------------------------------------------------------------- reader
+class StoreReader:
+    """Read a store: manifest fields, whole shards, activations by global row, token contexts.
+
+    Every shard's sha256 is checked the first time this reader touches it (``verify=True``); a missing,
+    truncated or altered file raises CorruptShardError naming it. Later reads of a checked shard use
+    ``safe_open`` slices, reading only the bytes asked for.
+    """
+
+    def __init__(self, directory: str | os.PathLike, verify: bool = True):
+        self.directory = Path(directory)
+        if not (self.directory / MANIFEST).exists():
+            raise StoreError(f"{self.directory}: no {MANIFEST}; not an activation store")
+        self.manifest = _read_manifest(self.directory)
+        self.verify = verify
+        self._verified: set[int] = set()
+        m = self.manifest
+        self.hooks: list[str] = m["hooks"]
+        self.d_model: int = m["d_model"]
+        self.dtype: torch.dtype = DTYPES[m["dtype"]]
+        self.context_size: int = m["context_size"]
+        self.n_rows: int = m["n_rows"]
+        self.n_sequences: int = m["n_sequences"]
+        self.shards: list[dict] = m["shards"]
+        # Start offsets with the total appended, so shard i covers [starts[i], starts[i+1]).
+        self.row_starts = np.array([s["first_row"] for s in self.shards] + [self.n_rows], dtype=np.int64)
+        self.seq_starts = np.array([s["first_sequence"] for s in self.shards] + [self.n_sequences],
+                                   dtype=np.int64)
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest["complete"]
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __repr__(self) -> str:
+        return (f"StoreReader({str(self.directory)!r}: {self.n_rows} rows, {self.n_sequences} sequences, "
+                f"hooks={self.hooks}, d_model={self.d_model}, dtype={self.manifest['dtype']}, "
+                f"{len(self.shards)} shards{'' if self.complete else ', incomplete'})")
+
+    # -------------------------------------------------------------------------------- shards
+    def shard_path(self, i: int) -> Path:
+        return self.directory / self.shards[i]["file"]
+
+    def _load_verified(self, i: int) -> bytes:
+        path, info = self.shard_path(i), self.shards[i]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CorruptShardError(f"shard {path.name} is missing ({path})") from None
+        if len(data) != info["bytes"]:
+            raise CorruptShardError(f"shard {path.name} is truncated or resized: {len(data)} bytes, "
+                                    f"manifest says {info['bytes']} ({path})")
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise CorruptShardError(f"shard {path.name} does not match its sha256 checksum ({path})")
+        self._verified.add(i)
+        return data
+
+    def verify_shard(self, i: int) -> None:
+        self._load_verified(i)
+
+    def read_shard(self, i: int, hooks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """All tensors of shard ``i`` (activations only for ``hooks``, default all), checksum verified."""
+        wanted = set(self.hooks if hooks is None else hooks)
+        self._check_hooks(wanted)
+        tensors = safetensors.torch.load(self._load_verified(i))
+        return {k: v for k, v in tensors.items() if not k.startswith("acts.") or k[5:] in wanted}
+
+    def shard_tensor(self, i: int, name: str, start: int | None = None, stop: int | None = None):
+        """Rows ``start:stop`` of tensor ``name`` (e.g. ``acts.<hook>``, ``row_seq``) of shard ``i``."""
+        if self.verify and i not in self._verified:
+            self._load_verified(i)
+        path = self.shard_path(i)
+        if not path.exists():
+            raise CorruptShardError(f"shard {path.name} is missing ({path})")
+        with safe_open(path, "pt") as f:
+            return f.get_slice(name)[start:stop]
+
+    def _check_hooks(self, hooks) -> None:
+        unknown = set(hooks) - set(self.hooks)
+        if unknown:
+            raise KeyError(f"hook(s) {sorted(unknown)} not in this store; it has {self.hooks}")
+
+    # ------------------------------------------------------------------------- rows and tokens
+    def _gather(self, name: str, rows) -> torch.Tensor:
+        """Rows of a per-row tensor by global index: None (all), a (start, stop) pair, range, slice, or
+        an index array / tensor / list."""
+        if rows is None:
+            rows = (0, self.n_rows)
+        elif isinstance(rows, slice):
+            rows = range(*rows.indices(self.n_rows))
+        if isinstance(rows, range) and rows.step == 1:
+            rows = (rows.start, rows.stop)
+        if isinstance(rows, tuple):
+            start, stop = rows
+            if not 0 <= start <= stop <= self.n_rows:
+                raise IndexError(f"rows {start}:{stop} outside the store's {self.n_rows} rows")
+            first = int(np.searchsorted(self.row_starts, start, side="right")) - 1
+            parts = []
+            for i in range(max(first, 0), len(self.shards)):
+                lo, hi = self.row_starts[i], self.row_starts[i + 1]
+                if lo >= stop:
+                    break
+                if hi > start:
+                    a, b = int(max(start, lo) - lo), int(min(stop, hi) - lo)
+                    parts.append(self.shard_tensor(i, name, a, b))
+            if not parts:
+                return self._empty(name)
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+        rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise IndexError(f"row index outside the store's {self.n_rows} rows")
+        shard_of = np.searchsorted(self.row_starts, rows, side="right") - 1
+        out = None
+        for i in np.unique(shard_of):
+            where = np.nonzero(shard_of == i)[0]
+            local = rows[where] - self.row_starts[i]
+            lo, hi = int(local.min()), int(local.max()) + 1  # one slice read per shard touched
+            chunk = self.shard_tensor(int(i), name, lo, hi)[torch.from_numpy(local - lo)]
+            if out is None:
+                out = chunk.new_empty((len(rows),) + tuple(chunk.shape[1:]))
+            out[torch.from_numpy(where)] = chunk
+        return self._empty(name) if out is None else out
+
+    def _empty(self, name: str) -> torch.Tensor:
+        if name.startswith("acts."):
+            return torch.empty(0, self.d_model, dtype=self.dtype)
+        return torch.empty(0, dtype=torch.int64 if name == "row_seq" else torch.int32)
+
+    def activations(self, hook: str, rows=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[n, d] activations of ``hook`` for global ``rows`` (see ``_gather``), in the store dtype
+        unless ``dtype`` is given."""
+        self._check_hooks([hook])
+        acts = self._gather(f"acts.{hook}", rows)
+        return acts if dtype is None else acts.to(dtype)
+
+    def token_info(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sequence index, position, token id) of each global row, as int64 tensors."""
+        return tuple(self._gather(name, rows).to(torch.int64) for name in ("row_seq", "row_pos", "row_token"))
+
+    def sequence(self, seq: int) -> torch.Tensor:
+        """The full window (int64 [context_size], specials included) of global sequence ``seq``."""
+        if not 0 <= seq < self.n_sequences:
+            raise IndexError(f"sequence {seq} outside the store's {self.n_sequences} sequences")
+        i = int(np.searchsorted(self.seq_starts, seq, side="right")) - 1
+        local = int(seq - self.seq_starts[i])
+        return self.shard_tensor(i, "tokens", local, local + 1)[0].to(torch.int64)
+
+    def context(self, seq: int, pos: int, left: int = 8, right: int = 8) -> tuple[list[int], int]:
+        """Token ids around position ``pos`` of sequence ``seq`` (clipped to the window), and the index
+        of ``pos`` inside that list."""
+        window = self.sequence(int(seq))
+        lo = max(0, int(pos) - left)
+        return window[lo: int(pos) + right + 1].tolist(), int(pos) - lo
