@@ -76,6 +76,8 @@ class ModelConfig:
     auxk_alpha: float = 1 / 32
     auxk_k: int | None = None  # default d_model // 2
     dead_tokens: int = 10_000_000  # a latent idle this many tokens counts as dead (AuxK)
+    fast_path: bool = True  # topk: sparse kernels (autoencoders/kernels.py); False = dense reference
+    batchtopk_threshold_beta: float = 0.999  # batchtopk: EMA decay of the inference threshold
     hidden: list[int] = field(default_factory=list)  # nonlinear AE: extra hidden layers
     activation: str = "relu"
     noise: str = "gaussian"  # denoising AE: "gaussian" or "mask"
@@ -116,14 +118,26 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """`saekit evaluate RUN_DIR`: reconstruction metrics on the store's held-out rows, downstream
+    metrics by splicing the reconstruction into the LM; written to RUN_DIR/eval.json."""
+
     run: str = "runs/train"
-    store: str | None = None
-    heldout_tokens: int = 50_000
+    store: str | None = None  # default: the store the run trained on
+    heldout_tokens: int | None = None  # the LAST rows of the store; default: the run's data.heldout_tokens
     batch_size: int = 4096
-    dead_window_tokens: int | None = None
+    dead_window_tokens: int | None = None  # dead/dense over the first N held-out tokens (default all)
     downstream: bool = True
-    downstream_sequences: int = 64
+    downstream_sequences: int = 64  # whole windows from the held-out end of the store's token table
     device: str = "auto"
+    downstream_batch_size: int = 8  # sequences per LM forward pass
+    positions: str = "auto"  # spliced positions: "real" (non-special), "all", "auto" (as the store kept rows)
+    backend: str = "hf"  # splice backend: "hf" or "transformer_lens"
+    error_check: bool = True  # also splice x_hat + (x - x_hat), which must change nothing
+    probe: bool = False  # linear probe (word continuation) on the codes and on the raw activations
+    probe_tokens: int = 6000
+    samples: int = 1000  # RBMs only: Gibbs samples for the moment check (0 = skip)
+    gibbs_steps: int = 200
+    out: str | None = None  # default: RUN_DIR/eval.json
 
 
 @dataclass
@@ -137,6 +151,22 @@ class AnalyzeConfig:
     max_features: int = 200
     max_tokens: int | None = None
     batch_size: int = 4096
+    device: str = "auto"
+
+
+@dataclass
+class DemoConfig:
+    """`saekit demo`: the whole pipeline on the built-in model and corpus, sized for a 2-core CPU."""
+
+    out: str = "runs/demo"
+    model: str = DEFAULT_MODEL
+    hook: str = DEFAULT_HOOK
+    harvest_tokens: int = 650_000
+    heldout_tokens: int = 50_000
+    train_tokens: int = 600_000
+    n_latents: int = 6144
+    k: int = 32
+    features: int = 200  # cards in the dashboard
     device: str = "auto"
 
 

@@ -71,46 +71,63 @@ class _BackgroundWriter:
             raise self.error
 
 
+class Harvester:
+    """Loads the model and opens (or resumes) the store; ``run()`` fills it."""
+
+    def __init__(self, cfg: HarvestConfig):
+        _check(cfg)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.lm = lm = load_lm(cfg.model, revision=cfg.revision, dtype=resolve_dtype(cfg.model_dtype),
+                               device=self.device)
+        if cfg.context_size > lm.n_ctx:
+            raise ConfigError(f"context_size {cfg.context_size} exceeds the model's {lm.n_ctx} positions")
+        self.capture = make_capture(lm, cfg.hooks, backend=cfg.backend)  # validates hook names first
+        meta = {"model": cfg.model, "revision": cfg.revision, "architecture": lm.architecture,
+                "tokenizer": getattr(lm.tokenizer, "name_or_path", cfg.model)}
+        self.writer = StoreWriter(cfg.out, meta=meta, config=fingerprint(cfg), hooks=cfg.hooks,
+                                  d_model=lm.d_model, dtype=cfg.dtype, shard_sequences=cfg.shard_sequences,
+                                  tokenizer=lm.tokenizer, context_size=cfg.context_size,
+                                  keep_special_tokens=cfg.keep_special_tokens, max_rows=cfg.max_tokens)
+
+    def windows(self):
+        """The packed token windows still to harvest, in order (resume skips those on disk)."""
+        cfg = self.cfg
+        texts = iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column)
+        windows = iter_windows(self.lm.tokenizer, texts, cfg.context_size)
+        return itertools.islice(windows, self.writer.sequences_done, None)
+
+    def run(self) -> Path:
+        cfg, writer = self.cfg, self.writer
+        if writer.complete:
+            return Path(cfg.out)
+        bar = _progress(cfg, writer.rows_done)
+        background = _BackgroundWriter(writer)
+        rows = writer.rows_done
+        try:
+            for tokens in _batches(self.windows(), cfg.batch_size):
+                if rows >= cfg.max_tokens:
+                    break
+                keep = torch.ones_like(tokens, dtype=torch.bool)
+                if not cfg.keep_special_tokens:
+                    keep = ~special_mask(self.lm.tokenizer, tokens)
+                acts = self.capture(tokens.to(self.device), torch.ones_like(tokens, device=self.device))
+                # Left on the model's device: the writer moves only the kept rows, already cast.
+                background.put(tokens, keep, acts)
+                n_new = min(int(keep.sum()), cfg.max_tokens - rows)  # the writer trims the last batch
+                rows += n_new
+                bar.update(n_new)
+        finally:
+            background.close()
+            bar.close()
+            self.capture.close()
+        writer.finish()
+        return Path(cfg.out)
+
+
 def harvest(cfg: HarvestConfig) -> Path:
     """Write (or finish writing) the store ``cfg.out``; returns its path."""
-    _check(cfg)
-    device = resolve_device(cfg.device)
-    lm = load_lm(cfg.model, revision=cfg.revision, dtype=resolve_dtype(cfg.model_dtype), device=device)
-    if cfg.context_size > lm.n_ctx:
-        raise ConfigError(f"context_size {cfg.context_size} exceeds the model's {lm.n_ctx} positions")
-    capture = make_capture(lm, cfg.hooks, backend=cfg.backend)  # validates hook names first
-    meta = {"model": cfg.model, "revision": cfg.revision, "architecture": lm.architecture,
-            "tokenizer": getattr(lm.tokenizer, "name_or_path", cfg.model)}
-    writer = StoreWriter(cfg.out, meta=meta, config=fingerprint(cfg), hooks=cfg.hooks, d_model=lm.d_model,
-                         dtype=cfg.dtype, shard_sequences=cfg.shard_sequences, tokenizer=lm.tokenizer,
-                         context_size=cfg.context_size, keep_special_tokens=cfg.keep_special_tokens)
-    if writer.complete:
-        return Path(cfg.out)
-    texts = iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column)
-    windows = iter_windows(lm.tokenizer, texts, cfg.context_size)
-    windows = itertools.islice(windows, writer.sequences_done, None)  # resume: skip what is on disk
-    bar = _progress(cfg, writer.rows_done)
-    background = _BackgroundWriter(writer)
-    rows = writer.rows_done
-    try:
-        for tokens in _batches(windows, cfg.batch_size):
-            if rows >= cfg.max_tokens:
-                break
-            keep = torch.ones_like(tokens, dtype=torch.bool)
-            if not cfg.keep_special_tokens:
-                keep = ~special_mask(lm.tokenizer, tokens)
-            acts = capture(tokens.to(device), torch.ones_like(tokens, device=device))
-            acts = {h: a.to("cpu", resolve_dtype(cfg.dtype)) for h, a in acts.items()}
-            background.put(tokens, keep, acts)
-            n_new = int(keep.sum())
-            rows += n_new
-            bar.update(n_new)
-    finally:
-        background.close()
-        bar.close()
-        capture.close()
-    writer.finish()
-    return Path(cfg.out)
+    return Harvester(cfg).run()
 
 
 def _progress(cfg: HarvestConfig, done: int):
