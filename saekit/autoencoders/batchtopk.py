@@ -1,0 +1,74 @@
+"""BatchTopK SAE (Bussmann et al. 2024): top k·B activations over the whole batch, so tokens share a
+budget of k latents on average; at inference a single learned threshold replaces the batch top-k.
+
+The threshold is an EMA of the smallest activation each training batch kept (dictionary_learning does
+the same), stored as a buffer so it is saved and loaded. In eval mode the code is
+relu(pre) * (relu(pre) > threshold), a per-token rule like JumpReLU's; until the first training batch
+has set it (threshold < 0) eval falls back to the batch top-k. Decoder rows are unit norm as for TopK.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saekit.autoencoders.base import Output, register
+from saekit.autoencoders.kernels import auxk_decode
+from saekit.autoencoders.sae import (SparseAutoencoder, auxk_loss, mse, normalize_rows_,
+                                     remove_parallel_grad_)
+from saekit.config import ModelConfig
+
+
+def batch_topk(acts_BN: Tensor, k: int) -> Tensor:
+    """Keep the k * B largest entries of the whole [B, n] batch, zero the rest."""
+    flat = acts_BN.flatten()
+    vals, idx = flat.topk(k * acts_BN.shape[0], sorted=False)
+    return torch.zeros_like(flat).scatter(0, idx, vals).view_as(acts_BN)
+
+
+@register("batchtopk")
+class BatchTopKSAE(SparseAutoencoder):
+    """Config: n_latents, k (mean active latents per token), auxk_k, auxk_alpha,
+    batchtopk_threshold_beta (EMA decay of the inference threshold)."""
+
+    def __init__(self, d_in: int, cfg: ModelConfig):
+        super().__init__(d_in, cfg)
+        self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
+
+    def _code(self, pre_BN: Tensor) -> Tensor:
+        acts_BN = pre_BN.relu()
+        if self.training or self.threshold.item() < 0:
+            return batch_topk(acts_BN, self.cfg.k)
+        return acts_BN * (acts_BN > self.threshold)
+
+    @torch.no_grad()
+    def _update_threshold(self, code_BN: Tensor) -> None:
+        kept = code_BN[code_BN > 0]
+        if kept.numel() == 0:
+            return
+        low = kept.min().to(self.threshold)
+        beta = self.cfg.batchtopk_threshold_beta
+        self.threshold.copy_(torch.where(self.threshold < 0, low, beta * self.threshold + (1 - beta) * low))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self._code(self.pre_acts(self.scale_in(x)))
+
+    def forward(self, x: Tensor) -> Output:
+        x_n_BD = self.scale_in(x)
+        pre_BN = self.pre_acts(x_n_BD)
+        code_BN = self._code(pre_BN)
+        if self.training:
+            self._update_threshold(code_BN)
+        x_hat_n_BD = code_BN @ self.W_dec + self.b_dec
+        dead_M = self.dead_ids()
+        e_hat_BD = None
+        if dead_M is not None:
+            e_hat_BD = auxk_decode(pre_BN.index_select(1, dead_M), dead_M, self.auxk_k, self.W_dec)
+        losses = {"mse": mse(x_n_BD, x_hat_n_BD),
+                  "auxk": auxk_loss(x_n_BD - x_hat_n_BD.detach(), e_hat_BD, self.cfg.auxk_alpha)}
+        return Output(x_hat=self.scale_out(x_hat_n_BD), code=code_BN, losses=losses)
+
+    def before_optimizer_step(self) -> None:
+        remove_parallel_grad_(self.W_dec)
+
+    def after_optimizer_step(self) -> None:
+        normalize_rows_(self.W_dec)

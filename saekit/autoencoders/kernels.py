@@ -1,0 +1,264 @@
+"""The TopK fast path: encoder and decoder whose backward touches only the selected latents.
+
+A TopK SAE must do one dense product, the encoder GEMM ``x @ W_enc`` (2·d·n FLOP/token), to find the k
+largest pre-activations. Everything after that can be O(k·d) per token. The naive way
+(``topk_sae_naive`` below) spends ~5 more dense GEMMs of that size: the dense decoder ``code @ W_dec``,
+its two backward products, the encoder weight gradient ``x.T @ grad_pre`` and the input gradient
+``grad_pre @ W_enc.T`` (needed for b_dec), and AuxK adds three more.
+
+Pieces (every one is checked against the naive reference in tests/test_kernels.py):
+
+* ``topk_encode``: autograd Function. Forward: encoder GEMM, top-k + ReLU, and, for AuxK, the dense
+  pre-activations of a small column subset (the dead latents). Backward, for a [B, k] value gradient
+  ``g``: W_enc's gradient is ``x_c.T @ G`` with G the [B, n] matrix holding g at the selected entries;
+  we compute it as ``G.T @ x_c`` with G.T a latent-major CSR matrix (``LatentMajor``), so no dense
+  [B, n] tensor and no [B, k, d] gather is ever formed. b_enc's gradient is an index_add of g, and
+  b_dec's is ``-W_enc @ grad_b_enc`` (pre = (x - b_dec) @ W_enc + b_enc), a single [d, n] x [n] product.
+* ``sparse_decode``: ``x_hat[b] = sum_j vals[b, j] * W_dec[idx[b, j]]`` via ``F.embedding_bag``
+  (per_sample_weights, mode="sum"). Backward: the value gradients are the k dot products
+  ``grad[b] . W_dec[idx[b, j]]``, computed by ``torch.sparse.sampled_addmm`` (an SDDMM: only the
+  sampled entries of ``grad @ W_dec.T``), and W_dec's gradient is again a latent-major CSR product.
+* ``auxk_decode``: AuxK's decode of the top auxk_k dead pre-activations. With few dead latents the
+  [B, n_dead] subset is small, and three dense GEMMs of that size beat sparse kernels at auxk_k = d/2
+  entries per token; with many dead latents the sparse decode wins. See ``AUXK_DENSE_FACTOR``.
+
+Choices measured on the 2-core CPU (B 4096, d 384, n 6144, k 32, fp32, 2 threads, one quiet run;
+this machine is shared, so absolute times vary 2-3x run to run). W_enc gradient: dense scatter then
+GEMM 137 ms; ``index_add_`` of materialized [B*k, d] rows 85 ms; ``x.T @ G`` with G a token-major CSR
+(dense @ sparse) 72 ms (1 thread); latent-major CSR ``sparse.mm`` 5.6 ms + 1.8 ms to build the layout
+(one stable argsort of the B*k latent ids). Value gradients: gather W_dec[idx] then bmm over
+[B, k, d] 101 ms; ``sampled_addmm`` 4 ms. Decoder forward: ``embedding_bag`` 3.7 ms.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# AuxK decodes densely over the dead subset while n_dead <= AUXK_DENSE_FACTOR * auxk_k, sparsely beyond.
+# Full TopK steps on the 2-core CPU (1 thread; B 4096, d 384, n 6144, k 32, auxk_k 192), dense vs
+# sparse aux: 10% dead 774 vs 847 ms, 25% dead 850 vs 945 ms, 50% dead 1572 vs 1226 ms.
+AUXK_DENSE_FACTOR = 10
+
+
+_workspace = threading.local()
+
+# ------------------------------------------------------------------------------------ small helpers
+def _pre_buffer(B: int, N: int, x_BD: Tensor, W_DN: Tensor) -> Tensor | None:
+    """A reused [B, n] output for the pre-activations, on CPU without autocast (else None).
+
+    A fresh 100 MB tensor (B 4096, n 6144) comes from mmap, and first touch page-faults every 4 KiB
+    page: ~50 ms per step, as much as the whole sparse backward. CUDA's caching allocator already
+    reuses blocks. Safe because the pre-activations never leave ``_TopKEncode.forward``: what it
+    returns and saves are fresh tensors (top-k values and indices, index_select of a few columns).
+    One buffer per thread, grown as needed and kept between steps."""
+    if x_BD.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x_BD.dtype != W_DN.dtype:
+        return None
+    buf = getattr(_workspace, "pre", None)
+    if buf is None or buf.numel() < B * N or buf.dtype != x_BD.dtype:
+        buf = _workspace.pre = torch.empty(B * N, dtype=x_BD.dtype)
+    return buf[: B * N].view(B, N)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    # Invariant checks cost a pass over the indices; ours hold by construction (rows sorted).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta" (once per process)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def select_topk(pre_BN: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k + ReLU per row. Returns (idx_BK, vals_BK), indices sorted ascending within each row
+    (CSR kernels want sorted column indices, and a canonical order makes outputs comparable)."""
+    vals_BK, idx_BK = pre_BN.topk(k, dim=-1, sorted=False)
+    idx_BK, order_BK = idx_BK.sort(dim=-1)
+    return idx_BK, vals_BK.gather(-1, order_BK).relu()
+
+
+def _token_major(idx_BK: Tensor, values_BK: Tensor, n: int) -> Tensor:
+    """The [B, n] CSR matrix with values_BK at idx_BK (each row holds exactly k entries)."""
+    B, K = idx_BK.shape
+    crow = torch.arange(0, B * K + 1, K, device=idx_BK.device)
+    return _csr(crow, idx_BK.reshape(-1), values_BK.reshape(-1), (B, n))
+
+
+class LatentMajor:
+    """The transpose of a [B, n] selection pattern as a latent-major CSR layout: row j lists the tokens
+    that selected latent j. ``matmul`` then scatters per-entry-weighted token rows into latent rows,
+    the shape of both W_enc's gradient (weights: value gradients, rows: x) and W_dec's (weights:
+    values, rows: the output gradient)."""
+
+    def __init__(self, idx_BK: Tensor, n: int):
+        B, K = idx_BK.shape
+        flat = idx_BK.reshape(-1)
+        # Stable, so token ids stay ascending within each latent's row.
+        self.order = torch.argsort(flat, stable=True)
+        self.tokens = torch.div(self.order, K, rounding_mode="floor")
+        counts = torch.bincount(flat, minlength=n)
+        self.crow = torch.zeros(n + 1, dtype=torch.int64, device=idx_BK.device)
+        torch.cumsum(counts, 0, out=self.crow[1:])
+        self.shape = (n, B)
+
+    def matmul(self, values_BK: Tensor, dense_BD: Tensor) -> Tensor:
+        """[n, d]: row j = sum over tokens b that selected j of values[b, j'] * dense[b]."""
+        S_NB = _csr(self.crow, self.tokens, values_BK.reshape(-1)[self.order], self.shape)
+        return torch.sparse.mm(S_NB, dense_BD)
+
+
+def gather_dots(idx_BK: Tensor, g_BD: Tensor, W_ND: Tensor) -> Tensor:
+    """[B, k]: out[b, j] = g[b] . W[idx[b, j]], i.e. (g @ W.T) sampled at the pattern (an SDDMM)."""
+    pattern = _token_major(idx_BK, g_BD.new_zeros(idx_BK.numel()), W_ND.shape[0])
+    out = torch.sparse.sampled_addmm(pattern, g_BD, W_ND.T, beta=0.0)
+    return out.values().view(idx_BK.shape)
+
+
+def _decode(idx_BK: Tensor, vals_BK: Tensor, W_ND: Tensor) -> Tensor:
+    return F.embedding_bag(idx_BK, W_ND, per_sample_weights=vals_BK.to(W_ND.dtype), mode="sum")
+
+
+# ------------------------------------------------------------------------------- the sparse decoder
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, idx_BK: Tensor, vals_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
+        ctx.save_for_backward(idx_BK, vals_BK, W_dec_ND)
+        return _decode(idx_BK, vals_BK, W_dec_ND)
+
+    @staticmethod
+    def backward(ctx, g_BD: Tensor):
+        with torch.autocast(g_BD.device.type, enabled=False):  # dtypes are managed here
+            return _SparseDecode._backward(ctx, g_BD)
+
+    @staticmethod
+    def _backward(ctx, g_BD: Tensor):
+        idx_BK, vals_BK, W_dec_ND = ctx.saved_tensors
+        g_BD = g_BD.to(W_dec_ND.dtype).contiguous()
+        g_vals = gather_dots(idx_BK, g_BD, W_dec_ND).to(vals_BK.dtype) if ctx.needs_input_grad[1] else None
+        g_W = None
+        if ctx.needs_input_grad[2]:
+            g_W = LatentMajor(idx_BK, W_dec_ND.shape[0]).matmul(vals_BK.to(g_BD.dtype), g_BD)
+        return None, g_vals, g_W
+
+
+def sparse_decode(idx_BK: Tensor, vals_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
+    """[B, d] = sum_j vals[b, j] * W_dec[idx[b, j]] (no bias), with an O(B·k·d) backward."""
+    with torch.autocast(idx_BK.device.type, enabled=False):
+        return _SparseDecode.apply(idx_BK, vals_BK, W_dec_ND)
+
+
+# ------------------------------------------------------------------------------- the sparse encoder
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k: int, cols_M: Tensor | None):
+        x_c_BD = x_BD - b_dec_D
+        out = _pre_buffer(x_BD.shape[0], W_enc_DN.shape[1], x_BD, W_enc_DN)
+        if out is None:
+            pre_BN = torch.addmm(b_enc_N, x_c_BD, W_enc_DN)  # autocast may make this bf16
+        else:
+            pre_BN = torch.addmm(b_enc_N, x_c_BD, W_enc_DN, out=out)
+        idx_BK, vals_BK = select_topk(pre_BN, k)
+        vals_BK = vals_BK.to(W_enc_DN.dtype)
+        if cols_M is None:
+            pre_BM = x_BD.new_zeros(x_BD.shape[0], 0)
+            cols_M = torch.zeros(0, dtype=torch.long, device=x_BD.device)
+        else:
+            pre_BM = pre_BN.index_select(1, cols_M).to(W_enc_DN.dtype)
+        ctx.save_for_backward(x_c_BD, W_enc_DN, idx_BK, vals_BK, cols_M)
+        ctx.device_type = x_BD.device.type
+        ctx.mark_non_differentiable(idx_BK)
+        ctx.set_materialize_grads(False)
+        return vals_BK, idx_BK, pre_BM
+
+    @staticmethod
+    def backward(ctx, g_vals_BK, _g_idx, g_pre_BM):
+        with torch.autocast(ctx.device_type, enabled=False):  # dtypes are managed here
+            return _TopKEncode._backward(ctx, g_vals_BK, g_pre_BM)
+
+    @staticmethod
+    def _backward(ctx, g_vals_BK, g_pre_BM):
+        x_c_BD, W_enc_DN, idx_BK, vals_BK, cols_M = ctx.saved_tensors
+        D, N = W_enc_DN.shape
+        dtype = W_enc_DN.dtype
+        g_x_BD = x_c_BD.new_zeros(x_c_BD.shape, dtype=dtype) if ctx.needs_input_grad[0] else None
+        if g_vals_BK is not None:
+            g_BK = torch.where(vals_BK > 0, g_vals_BK.to(dtype), 0.0)  # ReLU after the top-k
+            g_W_enc_ND = LatentMajor(idx_BK, N).matmul(g_BK, x_c_BD)
+            g_b_enc_N = torch.zeros(N, dtype=dtype, device=g_BK.device).index_add_(
+                0, idx_BK.reshape(-1), g_BK.reshape(-1))
+            if g_x_BD is not None:
+                g_x_BD += _decode(idx_BK, g_BK, W_enc_DN.T.contiguous())
+        else:
+            g_W_enc_ND = x_c_BD.new_zeros(N, D, dtype=dtype)
+            g_b_enc_N = x_c_BD.new_zeros(N, dtype=dtype)
+        if g_pre_BM is not None and cols_M.numel():
+            g_pre_BM = g_pre_BM.to(dtype)
+            g_W_enc_ND.index_add_(0, cols_M, g_pre_BM.T @ x_c_BD)
+            g_b_enc_N.index_add_(0, cols_M, g_pre_BM.sum(0))
+            if g_x_BD is not None:
+                g_x_BD += g_pre_BM @ W_enc_DN.index_select(1, cols_M).T
+        # pre = (x - b_dec) @ W_enc + b_enc, so d pre / d b_dec = -W_enc: summed over the batch that
+        # is -W_enc @ (the b_enc gradient), whatever mix of selections produced it.
+        g_b_dec_D = -(W_enc_DN @ g_b_enc_N) if ctx.needs_input_grad[1] else None
+        return g_x_BD, g_b_dec_D, g_W_enc_ND.T, g_b_enc_N, None, None
+
+
+def topk_encode(x_BD: Tensor, b_dec_D: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int,
+                cols_M: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k of pre = (x - b_dec) @ W_enc + b_enc, ReLU'd. Returns (vals_BK, idx_BK, pre_BM) where
+    pre_BM holds the dense pre-activations of columns ``cols_M`` (for AuxK; [B, 0] if None).
+    Gradients flow to x, b_dec, W_enc, b_enc through the selected entries and pre_BM only."""
+    return _TopKEncode.apply(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, cols_M)
+
+
+def auxk_decode(pre_BM: Tensor, dead_M: Tensor, auxk_k: int, W_dec_ND: Tensor) -> Tensor:
+    """AuxK's reconstruction (no decoder bias) from the top auxk_k of the dead latents' pre-activations.
+
+    pre_BM holds the pre-activations of the dead latents ``dead_M`` only, so the top-k is taken among
+    dead latents by construction (same as masking live ones to -inf over all n)."""
+    M = dead_M.numel()
+    vals_BA, loc_BA = pre_BM.topk(min(auxk_k, M), dim=-1, sorted=False)
+    vals_BA = vals_BA.relu()
+    if M <= AUXK_DENSE_FACTOR * auxk_k:
+        code_BM = torch.zeros_like(pre_BM).scatter(1, loc_BA, vals_BA)
+        return code_BM @ W_dec_ND.index_select(0, dead_M)
+    idx_BA, order = dead_M[loc_BA].sort(dim=-1)
+    return sparse_decode(idx_BA, vals_BA.gather(-1, order), W_dec_ND)
+
+
+# ------------------------------------------------------------------------ fast and naive TopK SAEs
+class TopKResult(NamedTuple):
+    xhat_BD: Tensor  # reconstruction without the decoder bias
+    idx_BK: Tensor
+    vals_BK: Tensor
+    ehat_BD: Tensor | None  # AuxK reconstruction of the residual (no bias); None if nothing is dead
+
+
+def topk_sae_fast(x_BD, b_dec_D, W_enc_DN, b_enc_N, W_dec_ND, k: int, dead_M: Tensor | None,
+                  auxk_k: int) -> TopKResult:
+    """Sparse kernels throughout; ``dead_M`` holds the ids of dead latents (or None)."""
+    use_aux = dead_M is not None and dead_M.numel() > 0
+    vals_BK, idx_BK, pre_BM = topk_encode(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, dead_M if use_aux else None)
+    xhat_BD = sparse_decode(idx_BK, vals_BK, W_dec_ND)
+    ehat_BD = auxk_decode(pre_BM, dead_M, auxk_k, W_dec_ND) if use_aux else None
+    return TopKResult(xhat_BD, idx_BK, vals_BK, ehat_BD)
+
+
+def topk_sae_naive(x_BD, b_dec_D, W_enc_DN, b_enc_N, W_dec_ND, k: int, dead_M: Tensor | None,
+                   auxk_k: int) -> TopKResult:
+    """The reference: dense [B, n] codes, dense decoder GEMMs, autograd's dense backward, and AuxK as
+    in Gao et al.'s code (live latents masked to -inf over all n, dense aux code)."""
+    pre_BN = torch.addmm(b_enc_N, x_BD - b_dec_D, W_enc_DN)
+    idx_BK, vals_BK = select_topk(pre_BN, k)
+    code_BN = torch.zeros_like(pre_BN).scatter(1, idx_BK, vals_BK)
+    xhat_BD = code_BN @ W_dec_ND
+    ehat_BD = None
+    if dead_M is not None and dead_M.numel() > 0:
+        dead_N = torch.zeros(pre_BN.shape[1], dtype=torch.bool, device=pre_BN.device)
+        dead_N[dead_M] = True
+        aux_vals, aux_idx = pre_BN.masked_fill(~dead_N, float("-inf")).topk(
+            min(auxk_k, dead_M.numel()), dim=-1, sorted=False)
+        ehat_BD = torch.zeros_like(pre_BN).scatter(1, aux_idx, aux_vals.relu()) @ W_dec_ND
+    return TopKResult(xhat_BD, idx_BK, vals_BK, ehat_BD)

@@ -1,0 +1,104 @@
+"""What the sparse-autoencoder family shares: parameters, the encoder affine map, losses, init.
+
+Every SAE here maps raw activations x to x_n = x * input_scale and then
+
+    pre = (x_n - b_dec) @ W_enc + b_enc        W_enc [d, n], b_enc [n]
+    code = f(pre)                              ReLU, TopK, BatchTopK or JumpReLU
+    x_hat_n = code @ W_dec + b_dec             W_dec [n, d] (row j = latent j's direction), b_dec [d]
+
+and returns x_hat = x_hat_n / input_scale. Every loss part is computed on the normalized x_n, x_hat_n.
+The families live in relu_l1.py, topk.py, batchtopk.py and jumprelu.py; the TopK fast path in kernels.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saekit.autoencoders.base import Autoencoder, Output
+from saekit.config import ModelConfig
+
+
+class SparseAutoencoder(Autoencoder):
+    """Base of the SAE family. Init: random unit-norm decoder rows, encoder tied to the decoder's
+    transpose (W_enc = W_dec.T, Gao et al. 2024; Conerly et al. 2024), zero biases."""
+
+    def __init__(self, d_in: int, cfg: ModelConfig):
+        super().__init__(d_in, cfg)
+        W_dec_ND = torch.randn(cfg.n_latents, d_in)
+        W_dec_ND /= W_dec_ND.norm(dim=-1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec_ND.T.clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+        self.W_dec = nn.Parameter(W_dec_ND)
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.sparsity_scale = 1.0
+        self.dead_mask: Tensor | None = None
+
+    # --- pieces the families compose -----------------------------------------------------------
+    def pre_acts(self, x_n_BD: Tensor) -> Tensor:
+        return torch.addmm(self.b_enc, x_n_BD - self.b_dec, self.W_enc)
+
+    def decode(self, code_BN: Tensor) -> Tensor:
+        """Dense code [B, n] -> raw-unit reconstruction [B, d]."""
+        return self.scale_out(code_BN @ self.W_dec + self.b_dec)
+
+    def dead_ids(self) -> Tensor | None:
+        """Ids of the latents the trainer marked dead, or None when there are none."""
+        if self.dead_mask is None:
+            return None
+        ids = self.dead_mask.to(self.W_dec.device).nonzero().flatten()
+        return ids if ids.numel() else None
+
+    @property
+    def auxk_k(self) -> int:
+        return self.cfg.auxk_k if self.cfg.auxk_k is not None else self.d_in // 2
+
+    def init_from_data(self, x: Tensor, b_dec: Tensor | None = None) -> None:
+        """Set b_dec from a raw-unit estimate of the data's center (the trainer's geometric median or
+        mean). The model stores b_dec in normalized units, hence the input_scale. None: unchanged."""
+        if b_dec is not None:
+            with torch.no_grad():
+                self.b_dec.copy_(b_dec.to(self.b_dec) * self.input_scale)
+
+    def _output_dense(self, x_n_BD: Tensor, code_BN: Tensor, losses: dict[str, Tensor]):
+        x_hat_n = code_BN @ self.W_dec + self.b_dec
+        losses = {"mse": mse(x_n_BD, x_hat_n), **losses}
+        return Output(x_hat=self.scale_out(x_hat_n), code=code_BN, losses=losses)
+
+
+# --- losses -------------------------------------------------------------------------------------
+def mse(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
+    """Squared error summed over d, averaged over the batch: independent of the batch size.
+    (F.mse_loss with reduction="sum" is one fused pass forward and one backward.)"""
+    return F.mse_loss(x_hat_BD, x_BD, reduction="sum") / x_BD.shape[0]
+
+
+def auxk_loss(e_BD: Tensor, e_hat_BD: Tensor | None, alpha: float) -> Tensor:
+    """AuxK (Gao et al. 2024): alpha * ||e - e_hat||^2 / ||e - mean(e)||^2, sums over batch and d.
+
+    e = x_n - x_hat_n is the main reconstruction's residual, taken as a fixed target (detached), and
+    e_hat is decoded from the dead latents WITHOUT the decoder bias (x_hat already holds it once). The
+    denominator, the residual's variance about its batch mean, makes this the FVU of the residual: it
+    is scale-free and batch-size independent. Gao et al.'s code divides by ||e||^2 per token instead;
+    sparsify divides by the input's variance. Zero when nothing is dead (e_hat None)."""
+    if e_hat_BD is None:
+        return e_BD.new_zeros(())
+    e_BD = e_BD.detach()
+    denom = e_BD.var(dim=0, correction=0).sum() * e_BD.shape[0]
+    denom = denom.clamp_min(torch.finfo(denom.dtype).tiny)
+    return alpha * F.mse_loss(e_hat_BD, e_BD, reduction="sum") / denom
+
+
+# --- unit-norm decoder rows (TopK, BatchTopK) ---------------------------------------------------
+@torch.no_grad()
+def remove_parallel_grad_(W_ND: nn.Parameter) -> None:
+    """Remove from each row's gradient its component along the row (the part that would only change
+    the row's norm, which the renormalization after the step undoes anyway)."""
+    if W_ND.grad is not None:
+        coef_N1 = (W_ND.grad * W_ND).sum(-1, keepdim=True) / W_ND.pow(2).sum(-1, keepdim=True)
+        W_ND.grad -= coef_N1 * W_ND
+
+
+@torch.no_grad()
+def normalize_rows_(W_ND: nn.Parameter) -> None:
+    W_ND /= W_ND.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W_ND.dtype).eps)

@@ -1,0 +1,122 @@
+"""Time full SAE training steps: saekit's TopK fast path against the naive dense TopK step.
+
+A step is forward, backward, decoder-gradient projection, Adam, decoder renormalization, on the same
+data, with AuxK active (10% of latents marked dead). Steps of the two implementations are interleaved
+and each is summarized by its median, so load from other processes hits both alike. The ceiling is
+one dense encoder product per token (2·d·n FLOP) at the matmul rate measured here, in this run.
+
+    python scripts/bench_train.py [--device cpu|cuda] [--d 384 --n 6144 --k 32 --batch 4096 --steps 5]
+                                  [--dtype fp32|bf16] [--kinds relu,batchtopk,jumprelu]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from saekit.autoencoders import build
+from saekit.config import ModelConfig
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(B: int, d: int, n: int, device, dtype) -> float:
+    """FLOP/s of the encoder-shaped product [B, d] @ [d, n], best of a few."""
+    x, W = torch.randn(B, d, device=device, dtype=dtype), torch.randn(d, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        sync(device)
+        t0 = time.perf_counter()
+        x @ W
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * B * d * n / best
+
+
+class Stepper:
+    """One model + optimizer; ``step()`` runs a full training step and returns its seconds."""
+
+    def __init__(self, kind: str, cfg: ModelConfig, d: int, x, dead, autocast_dtype, seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = build(kind, d, cfg).to(x.device)
+        self.model.set_dead_mask(dead)
+        self.x, self.autocast_dtype = x, autocast_dtype
+        fused = {"fused": True} if x.device.type in ("cpu", "cuda") else {}
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4, **fused)
+
+    def step(self) -> float:
+        device = self.x.device
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            out = self.model(self.x)
+        out.loss.backward()
+        self.model.before_optimizer_step()
+        self.opt.step()
+        self.model.after_optimizer_step()
+        self.opt.zero_grad(set_to_none=True)
+        sync(device)
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--d", type=int, default=384)
+    ap.add_argument("--n", type=int, default=6144)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
+    ap.add_argument("--dead", type=float, default=0.10, help="fraction of latents marked dead")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--kinds", default="", help="also time these kinds, e.g. relu,batchtopk,jumprelu")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, args.d, generator=gen).to(device)
+    dead = torch.zeros(args.n, dtype=torch.bool)
+    dead[torch.randperm(args.n, generator=gen)[: int(args.dead * args.n)]] = True
+    dead = dead.to(device)
+
+    cfg = dict(n_latents=args.n, k=args.k)
+    steppers = {"naive topk": Stepper("topk", ModelConfig(kind="topk", fast_path=False, **cfg), args.d, x,
+                                      dead, autocast_dtype),
+                "saekit topk": Stepper("topk", ModelConfig(kind="topk", **cfg), args.d, x, dead, autocast_dtype)}
+    for kind in filter(None, args.kinds.split(",")):
+        steppers[f"saekit {kind}"] = Stepper(kind, ModelConfig(kind=kind, **cfg), args.d, x, dead, autocast_dtype)
+
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for i in range(args.warmup + args.steps):
+        for name, s in steppers.items():  # interleaved: background load hits every implementation
+            t = s.step()
+            if i >= args.warmup:
+                times[name].append(t)
+
+    rate = matmul_rate(args.batch, args.d, args.n, device, torch.bfloat16 if autocast_dtype else torch.float32)
+    ceiling = rate / (2 * args.d * args.n)
+    print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, d={args.d} n={args.n} k={args.k} batch={args.batch}, "
+          f"{args.dead:.0%} dead (AuxK on), {args.steps} timed steps (median)")
+    print(f"matmul rate {rate / 1e9:.1f} GFLOP/s -> ceiling {ceiling / 1e3:.1f}k tok/s (2*d*n FLOP/token)")
+    print(f"{'impl':<18}{'ms/step':>10}{'tok/s':>12}{'of ceiling':>12}")
+    tok_s = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        tok_s[name] = args.batch / med
+        print(f"{name:<18}{med * 1e3:>10.1f}{tok_s[name]:>12.0f}{tok_s[name] / ceiling:>12.1%}")
+    print(f"ratio {tok_s['saekit topk'] / tok_s['naive topk']:.2f} (goal >= 2.0)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Every fast-path piece against the dense reference: forward values and all gradients, in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saekit.autoencoders import kernels
+from saekit.autoencoders.kernels import (LatentMajor, auxk_decode, gather_dots, select_topk,
+                                         sparse_decode, topk_encode, topk_sae_fast, topk_sae_naive)
+
+B, D, N, K = 48, 12, 80, 6
+F64 = torch.float64
+
+
+def _params(seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=F64)
+    p = dict(b_dec=torch.randn(D, generator=g, dtype=F64) * 0.1,
+             W_enc=torch.randn(D, N, generator=g, dtype=F64) / D**0.5,
+             b_enc=torch.randn(N, generator=g, dtype=F64) * 0.1,
+             W_dec=torch.randn(N, D, generator=g, dtype=F64) / D**0.5)
+    for t in p.values():
+        t.requires_grad_(requires_grad)
+    return x, p
+
+
+def _close(a, b, what):
+    assert a.shape == b.shape, what
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=what)
+
+
+def test_select_topk_sorted_rows_and_relu():
+    pre = torch.randn(B, N, dtype=F64)
+    idx, vals = select_topk(pre, K)
+    assert (idx.diff(dim=1) > 0).all()
+    ref_vals, _ = pre.topk(K, dim=-1)
+    _close(vals.sort(dim=1).values, ref_vals.relu().sort(dim=1).values, "values")
+    _close(vals, pre.gather(1, idx).relu(), "values follow their indices")
+
+
+def test_latent_major_matmul_equals_dense():
+    idx, vals = select_topk(torch.randn(B, N, dtype=F64), K)
+    dense = torch.randn(B, D, dtype=F64)
+    G = torch.zeros(B, N, dtype=F64).scatter(1, idx, vals)
+    _close(LatentMajor(idx, N).matmul(vals, dense), G.T @ dense, "G.T @ dense")
+
+
+def test_gather_dots_equals_dense():
+    idx, _ = select_topk(torch.randn(B, N, dtype=F64), K)
+    g, W = torch.randn(B, D, dtype=F64), torch.randn(N, D, dtype=F64)
+    _close(gather_dots(idx, g, W), (g @ W.T).gather(1, idx), "sampled dots")
+
+
+def test_sparse_decode_forward_and_grads():
+    idx, vals = select_topk(torch.randn(B, N, dtype=F64), K)
+    W = torch.randn(N, D, dtype=F64)
+    g_out = torch.randn(B, D, dtype=F64)
+    grads = []
+    for fn in (sparse_decode,
+               lambda i, v, w: torch.zeros(B, N, dtype=F64).scatter(1, i, v) @ w):
+        v, w = vals.clone().requires_grad_(), W.clone().requires_grad_()
+        out = fn(idx, v, w)
+        out.backward(g_out)
+        grads.append((out, v.grad, w.grad))
+    for name, a, b in zip(("x_hat", "grad vals", "grad W_dec"), *grads):
+        _close(a, b, name)
+
+
+def _encode_dense(x, b_dec, W_enc, b_enc, k, cols):
+    pre = torch.addmm(b_enc, x - b_dec, W_enc)
+    idx, vals = select_topk(pre, k)
+    return vals, idx, pre[:, cols] if cols is not None else pre[:, :0]
+
+
+@pytest.mark.parametrize("with_cols", [False, True])
+def test_topk_encode_forward_and_all_grads(with_cols):
+    x, p = _params()
+    x.requires_grad_(True)
+    cols = torch.tensor([3, 10, 11, 40, 79]) if with_cols else None
+    g_vals = torch.randn(B, K, dtype=F64)
+    g_pre = torch.randn(B, 5, dtype=F64)
+    results = []
+    for fn in (topk_encode, _encode_dense):
+        for t in [x, *p.values()]:
+            t.grad = None
+        vals, idx, pre_sub = fn(x, p["b_dec"], p["W_enc"], p["b_enc"], K, cols)
+        loss = (vals * g_vals).sum() + ((pre_sub * g_pre).sum() if with_cols else 0)
+        loss.backward()
+        results.append([vals, idx, pre_sub] + [t.grad.clone() for t in (x, p["b_dec"], p["W_enc"], p["b_enc"])])
+    names = ["vals", "idx", "pre_cols", "grad x", "grad b_dec", "grad W_enc", "grad b_enc"]
+    for name, a, b in zip(names, *results):
+        if name == "idx":
+            assert torch.equal(a, b)
+        else:
+            _close(a, b, name)
+
+
+@pytest.mark.parametrize("aux_path", ["dense", "sparse"])
+@pytest.mark.parametrize("n_dead", [0, 3, 30])  # none, fewer than auxk_k, more
+def test_fast_topk_sae_matches_naive(n_dead, aux_path, monkeypatch):
+    monkeypatch.setattr(kernels, "AUXK_DENSE_FACTOR", 10**6 if aux_path == "dense" else 0)
+    auxk_k = 4
+    x, p = _params(seed=1)
+    dead = torch.randperm(N, generator=torch.Generator().manual_seed(2))[:n_dead].sort().values
+    target_aux = torch.randn(B, D, dtype=F64)
+    results = []
+    for impl in (topk_sae_fast, topk_sae_naive):
+        for t in p.values():
+            t.grad = None
+        r = impl(x, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], K, dead, auxk_k)
+        x_hat = r.xhat_BD + p["b_dec"]
+        loss = (x - x_hat).pow(2).sum(-1).mean()
+        if n_dead:
+            loss = loss + (r.ehat_BD - target_aux).pow(2).sum()
+        else:
+            assert r.ehat_BD is None
+        loss.backward()
+        outs = [x_hat, r.vals_BK] + ([r.ehat_BD] if n_dead else [])
+        results.append(outs + [t.grad.clone() for t in p.values()])
+    for a, b in zip(*results):
+        _close(a, b, "forward output or gradient")
+
+
+def test_auxk_dense_and_sparse_paths_agree(monkeypatch):
+    pre = torch.randn(B, 20, dtype=F64)
+    dead = torch.arange(0, 60, 3)
+    W = torch.randn(N, D, dtype=F64)
+    outs = []
+    for factor in (1000, 0):  # dense subset, then sparse decode
+        monkeypatch.setattr(kernels, "AUXK_DENSE_FACTOR", factor)
+        pr, w = pre.clone().requires_grad_(), W.clone().requires_grad_()
+        e = auxk_decode(pr, dead, 5, w)
+        e.pow(2).sum().backward()
+        outs.append((e, pr.grad, w.grad))
+    for a, b in zip(*outs):
+        _close(a, b, "aux decode")
+
+
+def test_fewer_dead_than_auxk_uses_all_dead():
+    pre = torch.randn(B, 3, dtype=F64)
+    dead = torch.tensor([5, 9, 60])
+    W = torch.randn(N, D, dtype=F64)
+    ref = pre.relu() @ W[dead]
+    _close(auxk_decode(pre, dead, 16, W), ref, "all dead latents used")
+
+
+def test_decode_matches_embedding_bag_fp32():
+    idx, vals = select_topk(torch.randn(B, N), K)
+    W = torch.randn(N, D)
+    torch.testing.assert_close(sparse_decode(idx, vals, W), F.embedding_bag(idx, W, per_sample_weights=vals,
+                                                                            mode="sum"))
