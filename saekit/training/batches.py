@@ -1,0 +1,96 @@
+"""The training data as a stream of batches whose position can be saved and restored.
+
+Any iterable of [B, d] tensors works. A source that also has ``state_dict()`` / ``load_state_dict()``
+(the store's ActivationLoader, or your own) resumes exactly; any other iterable restarts from wherever
+it happens to be, which the trainer warns about.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import deque
+
+import torch
+from torch import Tensor
+
+from saekit.config import TrainConfig
+
+
+class BatchStream:
+    def __init__(self, source):
+        self.source = source
+        self.resumable = callable(getattr(source, "state_dict", None)) and callable(
+            getattr(source, "load_state_dict", None))
+        self._it = None
+        # Batches already pulled (e.g. for the initialization sample) but not yet trained on, each
+        # with the source's state right after it, so a checkpoint records the position of training.
+        self._pending: deque[tuple[Tensor, dict | None]] = deque()
+        self._state: dict | None = None  # state after the last batch handed out, if it was pending
+
+    def _iter(self):
+        if self._it is None:
+            self._it = iter(self.source)
+        return self._it
+
+    def _pull(self) -> Tensor:
+        batch = next(self._iter())
+        if not isinstance(batch, Tensor) or batch.ndim != 2:
+            got = (f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, Tensor)
+                   else type(batch).__name__)
+            raise TypeError(f"training data must yield [batch, d] tensors, got {got} (to train on one big "
+                            "[N, d] tensor, pass x.split(batch_size))")
+        return batch
+
+    def peek(self, n_batches: int) -> list[Tensor]:
+        """The next ``n_batches`` (fewer if the source ends), still to be trained on afterwards."""
+        while len(self._pending) < n_batches:
+            try:
+                batch = self._pull()
+            except StopIteration:
+                break
+            self._pending.append((batch, self.source.state_dict() if self.resumable else None))
+        return [b for b, _ in list(self._pending)[:n_batches]]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Tensor:
+        if self._pending:
+            batch, self._state = self._pending.popleft()
+            return batch
+        self._state = None
+        return self._pull()
+
+    def state_dict(self) -> dict | None:
+        if not self.resumable:
+            return None
+        return self._state if self._state is not None else self.source.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None or not self.resumable:
+            warnings.warn("the training data is a plain iterable without state_dict()/load_state_dict(): "
+                          "the resumed run cannot restore its data position and continues with whatever "
+                          "the iterable yields next", stacklevel=2)
+            return
+        self.source.load_state_dict(state)
+
+
+def open_store(cfg: TrainConfig, rank: int, world_size: int, device=None):
+    """The store's shuffling loader for this rank: batch_size is global, split evenly over ranks."""
+    from saekit.data.loader import ActivationLoader
+    from saekit.data.store import StoreReader
+
+    data = cfg.data
+    if data.batch_size % world_size:
+        raise ValueError(f"data.batch_size {data.batch_size} is not divisible by the world size {world_size}")
+    store = StoreReader(data.store)
+    row_range = None
+    if data.heldout_tokens > 0:
+        if data.heldout_tokens >= store.n_rows:
+            raise ValueError(f"data.heldout_tokens {data.heldout_tokens} leaves no training rows "
+                             f"(the store has {store.n_rows})")
+        row_range = (0, store.n_rows - data.heldout_tokens)  # the held-out rows are the last ones
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    return ActivationLoader(store, data.hook, data.batch_size // world_size,
+                            buffer_tokens=data.buffer_tokens, seed=data.seed, rank=rank,
+                            world_size=world_size, prefetch=data.prefetch, row_range=row_range,
+                            device=device if on_gpu else None)  # pinned, non-blocking copies

@@ -1,0 +1,40 @@
+"""Learning-rate and sparsity-penalty schedules, as functions of tokens seen.
+
+Schedules are in tokens, not steps, so a run means the same thing at any batch size or world size.
+"""
+from __future__ import annotations
+
+import math
+
+from saekit.config import TrainConfig
+
+
+def default_lr(n_latents: int) -> float:
+    """Gao et al. (2024): lr ≈ 2e-4 / sqrt(n / 16384). Kept in one place so it can be retuned."""
+    return 2e-4 / math.sqrt(n_latents / 16384)
+
+
+def base_lr(cfg: TrainConfig) -> float:
+    return cfg.lr if cfg.lr is not None else default_lr(cfg.model.n_latents)
+
+
+def lr_factor(tokens: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_tokens``, flat, then linear decay to 0 after ``decay_start``.
+
+    The trainer evaluates this at the middle of each step's token interval, so neither the first step
+    (warm-up) nor the last (decay) gets a learning rate of exactly 0.
+    """
+    factor = 1.0
+    if cfg.warmup_tokens > 0:
+        factor = min(1.0, tokens / cfg.warmup_tokens)
+    progress = tokens / cfg.total_tokens
+    if cfg.decay_start < 1.0 and progress > cfg.decay_start:
+        factor *= max(0.0, (1.0 - progress) / (1.0 - cfg.decay_start))
+    return factor
+
+
+def sparsity_scale(tokens: float, cfg: TrainConfig) -> float:
+    """Warm-up factor for the sparsity penalty (model.set_sparsity_scale), 0 → 1 linearly."""
+    if cfg.sparsity_warmup_tokens <= 0:
+        return 1.0
+    return min(1.0, tokens / cfg.sparsity_warmup_tokens)

@@ -1,0 +1,420 @@
+"""One trainer for every autoencoder family: ``train(cfg, data=None) -> run_dir``.
+
+    run_dir/ (= cfg.out)
+        config.json     the full TrainConfig; a rerun with a different config is refused
+        checkpoint/     latest checkpoint (see checkpoint.py); rerunning train() resumes from it
+        model/          the final model (model.save; loads with Autoencoder.load, works on raw inputs)
+        metrics.json    final training metrics, tokens/s
+        loss.png        loss, FVU and L0 against tokens
+        wandb/          the W&B run, when cfg.wandb
+
+Gradient-trained models take Adam steps on ``forward(x).loss``; closed-form models (class attribute
+``closed_form = True``, e.g. PCA) get ``fit_stream(batches)`` once instead.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from saekit.autoencoders import Autoencoder, build
+from saekit.config import ConfigError, TrainConfig, resolve_device, to_dict
+from saekit.evaluation.metrics import FiringStats, Metrics, ReconstructionStats, fire_counts
+from saekit.training import checkpoint, distributed
+from saekit.training.batches import BatchStream, open_store
+from saekit.training.data_stats import decoder_bias, input_scale
+from saekit.training.dead_latents import DeadTracker
+from saekit.training.schedule import base_lr, lr_factor, sparsity_scale
+from saekit.training.tracking import Tracker, plot_history
+
+INIT_SAMPLE_TOKENS = 16_384  # tokens (over all ranks) used to set the input scale and decoder bias
+HISTORY_COLUMNS = ["step", "tokens", "loss", "fvu", "l0"]
+# Keys that may differ when a run is resumed: where it lives (a moved run dir) and what is displayed.
+DISPLAY_KEYS = {"out", "progress", "wandb", "wandb_project", "log_every"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became inf/nan; the last checkpoint on disk is left as it was."""
+
+
+def train(cfg: TrainConfig, data=None) -> Path:
+    """Train (or resume, or finish) the run described by ``cfg``; returns the run directory.
+
+    ``data`` is optional: by default batches come from the activation store ``cfg.data.store``. Any
+    iterable of [batch, d] float tensors also works; it resumes exactly only if it has
+    ``state_dict()`` / ``load_state_dict()``. Under torchrun (WORLD_SIZE > 1) each rank must pass its
+    own part of the data, with equal batch sizes on all ranks.
+    """
+    return Trainer(cfg, data).run()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse a run directory that holds a run with another config, naming the differing keys."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    saved, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(json.dumps(to_dict(cfg))))
+    diff = sorted(k for k in saved.keys() | new.keys()
+                  if saved.get(k) != new.get(k) and k not in DISPLAY_KEYS)
+    if diff:
+        detail = ", ".join(f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in diff)
+        raise ConfigError(f"{run_dir} already holds a run with a different config; differing keys: "
+                          f"{detail}. Use another `out` directory, or delete this one to start over.")
+
+
+def _wrap_ddp(model: Autoencoder, device: torch.device):
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Buffers (input_scale, ...) are set identically on every rank: no broadcast before every forward.
+    # (torch >= 2.12 renamed the switch; the old name still works there but warns.)
+    new_name = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    buffers = {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **buffers)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data=None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        device = resolve_device(cfg.device)
+        self.dist = distributed.setup(device)
+        if device.type == "cuda" and self.dist.enabled:
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        if cfg.autocast not in ("auto", "bf16", "off"):
+            raise ConfigError(f"autocast must be auto, bf16 or off, got {cfg.autocast!r}")
+        # bf16 autocast over fp32 master weights: by default on CUDA only (on CPU it is slower).
+        self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+        self.data = data
+        self.step = self.tokens = 0
+        self.history: list[list[float]] = []
+        self.tracker: Tracker | None = None
+        self.metrics: dict[str, float] = {}  # the last logged training metrics
+        self._unchecked = None  # the last step whose loss has not been checked for inf/nan yet
+
+    # ------------------------------------------------------------------------------------- driver
+    def run(self) -> Path:
+        failed = True
+        try:
+            out = self._run()
+            failed = False
+            return out
+        finally:
+            if self.tracker is not None:
+                self.tracker.close(failed)
+            distributed.teardown(self.dist)
+
+    def _run(self) -> Path:
+        cfg, d = self.cfg, self.dist
+        check_run_dir(self.run_dir, cfg)
+        finished = (self.run_dir / "metrics.json").exists() and (self.run_dir / "model").exists()
+        distributed.barrier(d)  # everyone has read the old files before rank 0 writes new ones
+        if finished:
+            if d.is_main:
+                print(f"saekit: {self.run_dir} is already trained; nothing to do")
+            return self.run_dir
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(self.run_dir / "config.json", to_dict(cfg))
+
+        ckpt = checkpoint.find(self.run_dir)
+        meta, tensors = checkpoint.load_trainer(ckpt) if ckpt else (None, None)
+        source = self.data
+        if source is None:
+            source = open_store(cfg, d.rank, d.world_size, self.device)
+        self.stream = BatchStream(source)
+        if self.data is not None and not self.stream.resumable and cfg.checkpoint_every_tokens and not meta:
+            warnings.warn("training from a plain iterable: checkpoints save the model and optimizer but "
+                          "not the data position, so a resumed run will not see the same data",
+                          stacklevel=3)
+        if meta is None:
+            model, sample = self._init_model()
+        else:
+            model, sample = Autoencoder.load(ckpt / "model", self.device), None
+        self.model = model
+        if getattr(type(model), "closed_form", False):
+            return self._fit_closed_form(model, sample)
+        return self._train_gradient(model, ckpt, meta, tensors)
+
+    # ---------------------------------------------------------------------------- initialization
+    def _init_model(self) -> tuple[Autoencoder, list[Tensor]]:
+        cfg, d = self.cfg, self.dist
+        first = self.stream.peek(1)
+        if not first:
+            raise ValueError("the training data is empty")
+        batch_tokens = first[0].shape[0] * d.world_size
+        n_batches = max(1, math.ceil(min(INIT_SAMPLE_TOKENS, cfg.total_tokens) / batch_tokens))
+        batches = self.stream.peek(n_batches)
+        local = torch.cat(batches).to(self.device, torch.float32)
+        sample = distributed.all_gather_cat(local, d)  # identical sample, hence init, on every rank
+        if not torch.isfinite(sample).all():
+            raise ValueError(f"the first {sample.shape[0]} training tokens contain non-finite values "
+                             "(inf/nan); cannot set the input scale and decoder bias from them")
+
+        torch.manual_seed(cfg.seed)
+        model = build(cfg.model.kind, sample.shape[1], cfg.model).to(self.device)
+        with torch.no_grad():
+            model.input_scale.fill_(input_scale(sample) if cfg.normalize else 1.0)
+            model.init_from_data(sample, decoder_bias(sample, cfg.b_dec_init))
+        if d.rank:  # ranks share the init but draw different noise (denoising, RBM sampling, ...)
+            torch.manual_seed(cfg.seed + 7919 * d.rank)
+        return model, batches
+
+    def _next_batch(self) -> Tensor | None:
+        try:
+            return next(self.stream).to(self.device, torch.float32, non_blocking=True)
+        except StopIteration:
+            warnings.warn(f"the training data ran out after {self.tokens} of {self.cfg.total_tokens} "
+                          "tokens; finishing early", stacklevel=2)
+            return None
+
+    # ------------------------------------------------------------------------------- closed form
+    def _fit_closed_form(self, model: Autoencoder, sample: list[Tensor]) -> Path:
+        cfg = self.cfg
+        if self.dist.enabled:
+            raise ValueError(f"'{cfg.model.kind}' is fitted in closed form in one process; "
+                             "run it without torchrun")
+        self.tracker = Tracker(cfg, self.run_dir, 0, active=True)
+        start = time.perf_counter()
+
+        def batches():
+            while self.tokens < cfg.total_tokens:
+                x = self._next_batch()
+                if x is None:
+                    return
+                self.tokens += x.shape[0]
+                self.tracker.advance(x.shape[0])
+                yield x
+
+        model.fit_stream(batches())
+        elapsed = time.perf_counter() - start
+        model.eval()
+        metrics = Metrics(model.n_latents)
+        with torch.no_grad():
+            for x in sample:  # the first training batches: a quick sanity number, not a held-out score
+                x = x.to(self.device, torch.float32)
+                metrics.update(x, model(x))
+        summary = metrics.compute()
+        summary["metrics_tokens"] = summary.pop("tokens")
+        summary.update(tokens=self.tokens, elapsed_s=elapsed, tokens_per_s=self.tokens / max(elapsed, 1e-9),
+                       kind=cfg.model.kind, closed_form=True)
+        self.tracker.summary(summary)
+        model.save(self.run_dir / "model")
+        checkpoint.write_json(self.run_dir / "metrics.json", summary)  # last: marks the run finished
+        return self.run_dir
+
+    # ---------------------------------------------------------------------------------- gradient
+    def _train_gradient(self, model: Autoencoder, ckpt: Path | None, meta: dict | None,
+                        tensors: dict | None) -> Path:
+        cfg, d = self.cfg, self.dist
+        model.train()
+        self.base_lr = base_lr(cfg)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.base_lr, betas=tuple(cfg.betas),
+                                          fused=fused)
+        self.dead = DeadTracker(model.n_latents, self.device)
+        self.density = FiringStats(model.n_latents)  # feature density over ~dead_window_tokens
+        if meta is not None:
+            self._restore(ckpt, meta, tensors)
+        self._reset_window()
+
+        wrapped = _wrap_ddp(model, self.device) if d.enabled else model
+        self.forward = torch.compile(wrapped) if cfg.compile else wrapped
+        self.tracker = Tracker(cfg, self.run_dir, self.tokens, active=d.is_main,
+                               wandb_id=meta.get("wandb_id") if meta else None)
+
+        every = cfg.checkpoint_every_tokens
+        start, start_tokens = time.perf_counter(), self.tokens
+        while self.tokens < cfg.total_tokens:
+            x = self._next_batch()
+            if x is None:
+                break
+            before = self.tokens
+            self._step(x)
+            self.tracker.advance(self.tokens - before)
+            if cfg.log_every > 0 and self.step % cfg.log_every == 0:
+                self._log(time.perf_counter() - start, self.tokens - start_tokens)
+            if every > 0 and self.tokens // every > before // every and self.tokens < cfg.total_tokens:
+                self._save_checkpoint()
+        self._check_finite(self._unchecked)
+        elapsed = time.perf_counter() - start
+        if self.window_steps:
+            self._log(elapsed, self.tokens - start_tokens, final=True)
+        self._save_checkpoint()
+        if d.is_main:
+            self._write_outputs(elapsed, self.tokens - start_tokens)
+        distributed.barrier(d)
+        return self.run_dir
+
+    def _step(self, x: Tensor) -> None:
+        cfg, model = self.cfg, self.model
+        n_tokens = x.shape[0] * self.dist.world_size
+        middle = self.tokens + n_tokens / 2
+        lr = self.base_lr * lr_factor(middle, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.set_sparsity_scale(sparsity_scale(middle, cfg))
+        model.set_dead_mask(self.dead.dead_mask(cfg.model.dead_tokens))
+
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.forward(x)
+        loss = out.loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        model.before_optimizer_step()  # gradients are already all-reduced by DDP here
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        model.after_optimizer_step()
+
+        with torch.no_grad():
+            n = model.n_latents
+            # One all-reduce per step carries fire counts, the L0 sum and an inf/nan flag, so every rank
+            # holds the same dead tracker and stops together on a bad loss.
+            packed = torch.cat([fire_counts(out, n), out.nonzero_per_token().sum().long().view(1),
+                                (~torch.isfinite(loss.detach())).long().view(1)])
+            distributed.all_reduce_sum(packed, self.dist)
+            self.dead.update(packed[:n], n_tokens)
+            self.window_firing.add_counts(packed[:n], packed[n], n_tokens)
+            self.density.add_counts(packed[:n], packed[n], n_tokens)
+            self.window_recon.update(x, out.x_hat.float())
+            for name, value in out.losses.items():
+                self.window_losses[name] = self.window_losses.get(name, 0.0) + value.detach().float()
+        self.window_steps += 1
+        self.lr = lr
+        self.step += 1
+        self.tokens += n_tokens
+        # Check the previous step, not this one: reading a flag forces a host sync, and one step of lag
+        # keeps the GPU queue full. Checkpoints check the latest step first.
+        losses = {k: v.detach() for k, v in out.losses.items()}
+        previous, self._unchecked = self._unchecked, (self.step, packed[n + 1], losses)
+        self._check_finite(previous)
+
+    def _check_finite(self, entry) -> None:
+        if entry is None:
+            return
+        step, flag, losses = entry
+        if flag.item():
+            parts = ", ".join(f"{k}={v.detach().float().item():.6g}" for k, v in losses.items())
+            ckpt = checkpoint.find(self.run_dir)
+            kept = f"the last checkpoint ({ckpt}) is untouched" if ckpt else "no checkpoint was written"
+            raise NonFiniteLossError(f"non-finite loss at step {step} (loss parts on rank {self.dist.rank}: "
+                                     f"{parts}); training stopped and {kept}")
+
+    # ------------------------------------------------------------------------------------ logging
+    def _reset_window(self) -> None:
+        self.window_recon = ReconstructionStats()
+        self.window_firing = FiringStats(self.model.n_latents)
+        self.window_losses: dict[str, Tensor] = {}
+        self.window_steps = 0
+
+    def _log(self, elapsed: float, session_tokens: int, final: bool = False) -> None:
+        cfg, d = self.cfg, self.dist
+        # Loss parts may come and go (e.g. AuxK once latents die); ranks must stack the same names.
+        names = sorted({k for ks in distributed.gather_objects(list(self.window_losses), d) for k in ks})
+        zero = torch.zeros((), device=self.device)
+        losses = torch.stack([self.window_losses.get(k, zero) for k in names]) / self.window_steps
+        losses = distributed.all_reduce_sum(losses, d) / d.world_size
+        recon = self.window_recon
+        if d.enabled:  # merge every rank's sums exactly, in rank order
+            parts = distributed.all_gather_list(recon.to_tensor(), d)
+            recon = ReconstructionStats.from_tensor(parts[0])
+            for part in parts[1:]:
+                recon.merge(ReconstructionStats.from_tensor(part))
+        metrics = {"loss": losses.sum().item(), **{f"loss/{k}": v for k, v in zip(names, losses.tolist())}}
+        metrics.update(recon.compute())
+        firing = self.window_firing.compute()
+        metrics.update(l0=firing["l0"], dense_fraction=firing["dense_fraction"],
+                       dead_fraction=self.dead.dead_fraction(cfg.dead_window_tokens),
+                       lr=self.lr, sparsity_scale=sparsity_scale(self.tokens, cfg), tokens=self.tokens,
+                       tokens_per_s=session_tokens / max(elapsed, 1e-9))
+        histogram = None
+        if final or self.density.n >= cfg.dead_window_tokens:
+            histogram = self.density.histogram()
+            self.density = FiringStats(self.model.n_latents)
+        self.history.append([self.step, self.tokens, metrics["loss"], metrics["fvu"], metrics["l0"]])
+        self.metrics = metrics
+        self.tracker.log(self.step, metrics, histogram)
+        self._reset_window()
+
+    def _write_outputs(self, elapsed: float, session_tokens: int) -> None:
+        self.model.save(self.run_dir / "model")
+        summary = {**self.metrics, "step": self.step, "tokens": self.tokens,
+                   "tokens_per_s": session_tokens / max(elapsed, 1e-9), "elapsed_s": elapsed,
+                   "kind": self.cfg.model.kind, "n_latents": self.model.n_latents, "d_in": self.model.d_in,
+                   "dead_window_tokens": min(self.cfg.dead_window_tokens, self.tokens)}
+        plot_history(torch.tensor(self.history, dtype=torch.float64).reshape(-1, len(HISTORY_COLUMNS)),
+                     HISTORY_COLUMNS, self.run_dir / "loss.png")
+        self.tracker.summary(summary)
+        checkpoint.write_json(self.run_dir / "metrics.json", summary)  # last: marks the run finished
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self) -> None:
+        self._check_finite(self._unchecked)  # never replace a good checkpoint with a diverged model
+        d = self.dist
+        data_states = distributed.gather_objects(self.stream.state_dict(), d)
+        cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
+        rng_states = distributed.gather_objects((torch.get_rng_state(), cuda_rng), d)
+        if d.is_main:
+            density = self.density.fire_counts
+            tensors = {
+                "dead_idle": self.dead.idle,
+                "density_counts": density if density is not None else torch.zeros(self.model.n_latents,
+                                                                                   dtype=torch.long),
+                "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, len(HISTORY_COLUMNS)),
+            }
+            for rank, (cpu, cuda) in enumerate(rng_states):
+                tensors[f"rng_cpu.{rank}"] = cpu
+                if cuda is not None:
+                    tensors[f"rng_cuda.{rank}"] = cuda
+            meta = {"step": self.step, "tokens": self.tokens, "world_size": d.world_size,
+                    "data_state": data_states, "wandb_id": self.tracker.wandb_id if self.tracker else None,
+                    "density_tokens": self.density.n, "density_nonzero": int(self.density.nonzero or 0),
+                    "history_columns": HISTORY_COLUMNS, "kind": self.cfg.model.kind,
+                    "metrics": self.metrics}
+
+            def write(directory: Path) -> None:
+                self.model.save(directory / "model")
+                checkpoint.save_optimizer(directory, self.optimizer)
+                checkpoint.save_trainer(directory, meta, tensors)
+
+            checkpoint.save(self.run_dir, write)
+        distributed.barrier(d)
+
+    def _restore(self, ckpt: Path, meta: dict, tensors: dict[str, Tensor]) -> None:
+        d = self.dist
+        if meta["world_size"] != d.world_size:
+            raise ValueError(f"{ckpt} was written by {meta['world_size']} processes; resume it with the "
+                             f"same number (this run has {d.world_size})")
+        self.step, self.tokens = meta["step"], meta["tokens"]
+        self.history = tensors["history"].tolist()
+        self.metrics = meta.get("metrics", {})
+        self.dead.idle = tensors["dead_idle"].to(self.device)
+        self.dead.tokens = self.tokens
+        if meta["density_tokens"]:
+            self.density.add_counts(tensors["density_counts"].to(self.device),
+                                    torch.tensor(meta["density_nonzero"], device=self.device),
+                                    meta["density_tokens"])
+        checkpoint.load_optimizer(ckpt, self.optimizer)
+        self.stream.load_state_dict(meta["data_state"][d.rank])
+        # Last: loading the model above drew random numbers (its fresh init before the weights landed).
+        torch.set_rng_state(tensors[f"rng_cpu.{d.rank}"])
+        if f"rng_cuda.{d.rank}" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors[f"rng_cuda.{d.rank}"])
