@@ -161,9 +161,10 @@ class DemoConfig:
     out: str = "runs/demo"
     model: str = DEFAULT_MODEL
     hook: str = DEFAULT_HOOK
-    harvest_tokens: int = 650_000
+    harvest_tokens: int = 1_000_000  # at most: the built-in corpus runs out at about 408k tokens
     heldout_tokens: int = 50_000
     train_tokens: int = 600_000
+    batch_size: int = 1024
     n_latents: int = 6144
     k: int = 32
     features: int = 200  # cards in the dashboard

@@ -62,7 +62,14 @@ class FeatureReport:
             for start in range(0, n, batch_size):
                 stop = min(n, start + batch_size)
                 x = reader.activations(hook, rows=(start, stop)).to(dev)
-                acc.update(model.encode(x), torch.arange(start, stop, device=dev))
+                rows = torch.arange(start, stop, device=dev)
+                if hasattr(model, "encode_sparse"):  # TopK: stay O(B*k), never form [B, n]
+                    idx_BK, val_BK = model.encode_sparse(x)
+                    b = torch.arange(len(x), device=dev)[:, None].expand_as(idx_BK)
+                    nz = val_BK != 0
+                    acc.update_sparse(b[nz], idx_BK[nz], val_BK[nz], rows, len(x))
+                else:
+                    acc.update(model.encode(x), rows)
                 bar.update(stop - start)
         return cls(model, reader, hook, acc.result(), context)
 
@@ -127,8 +134,8 @@ class FeatureReport:
         lm = load_lm(self.reader.manifest["model"], revision=self.reader.manifest.get("revision"))
         w = unembedding(lm)
         if w is not None:
-            return "logit lens", w.float()
-        emb = lm.model.get_input_embeddings().weight.float()
+            return "logit lens", w.detach().float()
+        emb = lm.model.get_input_embeddings().weight.detach().float()
         return "embedding lens (no unembedding: cosine with input embeddings)", \
             torch.nn.functional.normalize(emb, dim=-1).T
 

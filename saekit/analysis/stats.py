@@ -16,30 +16,30 @@ from torch import Tensor
 
 def _merge_top(best_val: Tensor, best_row: Tensor, best_key: Tensor, lat: Tensor, val: Tensor,
                row: Tensor, key: Tensor) -> None:
-    """Merge candidate (latent, value, row, key) entries into per-latent top-`key` tables, in place."""
-    n, k = best_key.shape
-    occupied = best_row >= 0
-    old_lat = torch.arange(n, device=lat.device).repeat_interleave(k)[occupied.flatten()]
-    all_lat = torch.cat([old_lat, lat])
-    all_key = torch.cat([best_key[occupied], key])
-    all_val = torch.cat([best_val[occupied], val])
-    all_row = torch.cat([best_row[occupied], row])
-    # Sort by key descending, then stably by latent: entries grouped by latent, best first.
+    """Merge candidate (latent, value, row, key) entries into per-latent top-`key` tables, in place.
+
+    Only the latents that received candidates are touched, so the cost follows the candidates.
+    """
+    k = best_key.shape[1]
+    touched, slot = torch.unique(lat, return_inverse=True)  # candidate -> its touched-latent slot
+    t = len(touched)
+    # Old entries of the touched latents (t*k, -inf keys where empty), then the candidates.
+    all_slot = torch.cat([torch.arange(t, device=lat.device).repeat_interleave(k), slot])
+    all_key = torch.cat([best_key[touched].flatten(), key])
+    all_val = torch.cat([best_val[touched].flatten(), val])
+    all_row = torch.cat([best_row[touched].flatten(), row])
+    # Sort by key descending, then stably by slot: entries grouped by latent, best first.
     order = torch.argsort(all_key, descending=True, stable=True)
-    order = order[torch.argsort(all_lat[order], stable=True)]
-    sorted_lat = all_lat[order]
-    counts = torch.bincount(sorted_lat, minlength=n)
+    order = order[torch.argsort(all_slot[order], stable=True)]
+    sorted_slot = all_slot[order]
+    counts = torch.bincount(sorted_slot, minlength=t)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(order), device=lat.device) - starts[sorted_lat]
-    keep = rank < k
+    rank = torch.arange(len(order), device=lat.device) - starts[sorted_slot]
+    keep = rank < k  # every slot has at least its k old entries, so exactly k survive per slot
     sel = order[keep]
-    slot_lat, slot_rank = sorted_lat[keep], rank[keep]
-    best_key.fill_(-float("inf"))
-    best_row.fill_(-1)
-    best_val.zero_()
-    best_key[slot_lat, slot_rank] = all_key[sel]
-    best_val[slot_lat, slot_rank] = all_val[sel]
-    best_row[slot_lat, slot_rank] = all_row[sel]
+    best_key[touched] = all_key[sel].view(t, k)
+    best_val[touched] = all_val[sel].view(t, k)
+    best_row[touched] = all_row[sel].view(t, k)
 
 
 @dataclass
@@ -83,7 +83,7 @@ class FeatureStatsAccumulator:
         f = dict(device=self.device)
         self.n_tokens = 0
         self.fire_count = torch.zeros(n_latents, dtype=torch.long, **f)
-        self.max_act = torch.zeros(n_latents, **f)
+        self.max_act = torch.full((n_latents,), -float("inf"), **f)  # codes may be negative (PCA)
         self.sum_act = torch.zeros(n_latents, dtype=torch.float64, **f)
         self.top = self._table(top_k)
         self.sample = self._table(n_sample)
@@ -95,28 +95,35 @@ class FeatureStatsAccumulator:
                 torch.full((self.n, k), -float("inf"), device=self.device))
 
     def update(self, code_BN: Tensor, rows_B: Tensor) -> None:
-        """Add a batch of codes [B, n] whose store rows are ``rows_B``."""
-        code_BN = code_BN.float()
-        rows_B = rows_B.to(code_BN.device)
-        active = code_BN != 0
-        self.n_tokens += code_BN.shape[0]
-        self.fire_count += active.sum(0)
-        self.max_act = torch.maximum(self.max_act, code_BN.max(0).values)
-        self.sum_act += code_BN.sum(0, dtype=torch.float64)
-        self._offer(self.top, code_BN, code_BN, active, rows_B)
-        keys = torch.rand(code_BN.shape, generator=self.gen, device=code_BN.device)
-        self._offer(self.sample, keys, code_BN, active, rows_B)
+        """Add a batch of dense codes [B, n] whose store rows are ``rows_B``."""
+        b, lat = code_BN.nonzero(as_tuple=True)
+        self.update_sparse(b, lat, code_BN[b, lat], rows_B, code_BN.shape[0])
+
+    def update_sparse(self, b: Tensor, lat: Tensor, val: Tensor, rows_B: Tensor, n_tokens: int) -> None:
+        """Add the nonzero entries (token b, latent lat, value val) of a batch of ``n_tokens`` tokens.
+
+        Everything is O(nonzeros): a TopK SAE's codes never need a dense [B, n] pass here.
+        """
+        val = val.float()
+        rows = rows_B.to(val.device)[b]
+        self.n_tokens += n_tokens
+        self.fire_count += torch.bincount(lat, minlength=self.n)
+        self.max_act.scatter_reduce_(0, lat, val, reduce="amax")
+        self.sum_act.index_add_(0, lat, val.double())
+        self._offer(self.top, lat, val, rows, val)
+        keys = torch.rand(val.shape, generator=self.gen, device=val.device)
+        self._offer(self.sample, lat, val, rows, keys)
 
     @staticmethod
-    def _offer(table, key_BN: Tensor, code_BN: Tensor, active: Tensor, rows_B: Tensor) -> None:
+    def _offer(table, lat: Tensor, val: Tensor, rows: Tensor, key: Tensor) -> None:
         best_val, best_row, best_key = table
-        threshold = best_key[:, -1]  # k-th best key so far; -inf while a latent's table has room
-        cand = active & (key_BN > threshold[None, :])
-        b, lat = cand.nonzero(as_tuple=True)
-        if len(b):
-            _merge_top(best_val, best_row, best_key, lat, code_BN[b, lat], rows_B[b], key_BN[b, lat])
+        # Only entries beating their latent's current k-th best key (-inf while there is room) compete.
+        cand = key > best_key[lat, -1]
+        if cand.any():
+            _merge_top(best_val, best_row, best_key, lat[cand], val[cand], rows[cand], key[cand])
 
     def result(self) -> FeatureStats:
         cpu = lambda t: t.cpu()  # noqa: E731
-        return FeatureStats(self.n_tokens, cpu(self.fire_count), cpu(self.max_act), cpu(self.sum_act),
+        max_act = torch.where(self.fire_count > 0, self.max_act, torch.zeros_like(self.max_act))
+        return FeatureStats(self.n_tokens, cpu(self.fire_count), cpu(max_act), cpu(self.sum_act),
                             cpu(self.top[0]), cpu(self.top[1]), cpu(self.sample[0]), cpu(self.sample[1]))
