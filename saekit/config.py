@@ -75,7 +75,9 @@ class ModelConfig:
     jumprelu_bandwidth: float = 1e-3
     auxk_alpha: float = 1 / 32
     auxk_k: int | None = None  # default d_model // 2
-    dead_tokens: int = 10_000_000  # a latent idle this many tokens counts as dead (AuxK)
+    # A latent idle this many tokens counts as dead (AuxK revives it); default: a twentieth of the run,
+    # at most 10M (Gao et al.'s value for long runs).
+    dead_tokens: int | None = None
     fast_path: bool = True  # topk: sparse kernels (autoencoders/kernels.py); False = dense reference
     batchtopk_threshold_beta: float = 0.999  # batchtopk: EMA decay of the inference threshold
     hidden: list[int] = field(default_factory=list)  # nonlinear AE: extra hidden layers

@@ -1,0 +1,326 @@
+"""`saekit compare CONFIG.yaml`: train several autoencoders on one store, evaluate each, tabulate, plot.
+
+The config (every section checked key by key, like every saekit config):
+
+    out: runs/compare                 # report, plots, and runs/<name>/ for every model
+    store: runs/store                 # harvested first (with `harvest:`) unless a complete store is there
+    harvest: {...}                    # HarvestConfig keys; `out` is set to `store`
+    train: {...}                      # TrainConfig keys shared by every model; `out` and `data.store` are set
+    eval: {...}                       # EvalConfig keys; `run` and `out` are set per model
+    models:                           # one entry per model, or per point of a sweep
+      - name: topk                    # run name (default: the kind); sweeps append e.g. "-k16"
+        model: {kind: topk, n_latents: 1536}
+        sweep: {model.k: [8, 16, 32]} # dotted TrainConfig keys -> values: one run per combination,
+                                      # named topk-k8, ...; relu + model.l1_coefficient: relu-l1=5
+        total_tokens: 200000          # any other TrainConfig key overrides `train:` for this entry
+
+Outputs in ``out``: ``compare.md`` (returned), ``compare.csv``, ``compare.json`` (every metric),
+``pareto_fvu_l0.png`` and ``pareto_downstream_l0.png``. Finished runs and evaluations are reused, so a
+rerun after adding a model trains and evaluates only the new one.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saekit.config import (ConfigError, EvalConfig, HarvestConfig, TrainConfig, apply_overrides, from_dict,
+                           load_config, to_dict)
+
+REPORT_MD, REPORT_CSV, REPORT_JSON = "compare.md", "compare.csv", "compare.json"
+PLOT_FVU, PLOT_DOWNSTREAM = "pareto_fvu_l0.png", "pareto_downstream_l0.png"
+_SHORT = {"l1_coefficient": "l1", "l0_coefficient": "l0", "n_latents": "n", "noise_level": "noise",
+          "contractive_coefficient": "c", "total_tokens": "tok", "jumprelu_threshold": "theta"}
+_AXIS = {"ce_loss_recovered": "CE loss recovered (vs zero-ablation)",
+         "cosine_spliced": "cosine(clean, spliced) sentence embedding"}
+
+
+@dataclass
+class CompareConfig:
+    out: str = "runs/compare"
+    store: str = "runs/store"
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    models: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------- planning
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def _value_label(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _point_label(key: str, value) -> str:
+    """``model.k``, 16 -> "k16"; ``model.l1_coefficient``, 5.0 -> "l1=5" (an "=" after a trailing digit)."""
+    short = _SHORT.get(key.split(".")[-1], key.split(".")[-1])
+    return short + ("=" if short[-1].isdigit() else "") + _value_label(value)
+
+
+def plan(cfg: CompareConfig) -> list[tuple[str, TrainConfig]]:
+    """(run name, TrainConfig) for every model and sweep point, in config order; names are unique."""
+    if not cfg.models:
+        raise ConfigError("compare: `models` is empty; list at least one model")
+    base = to_dict(cfg.train)
+    runs: list[tuple[str, TrainConfig]] = []
+    for i, entry in enumerate(cfg.models):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"compare: models[{i}] must be a mapping, got {entry!r}")
+        entry = dict(entry)
+        name = str(entry.pop("name", None) or (entry.get("model") or {}).get("kind") or cfg.train.model.kind)
+        sweep = entry.pop("sweep", None) or {}
+        if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+            raise ConfigError(f"compare: models[{i}].sweep must map keys to non-empty lists, got {sweep!r}")
+        for values in itertools.product(*sweep.values()):
+            point = dict(zip(sweep, values))
+            data = _deep_merge(base, entry)
+            data = apply_overrides(data, point)
+            run_name = name + "".join(f"-{_point_label(k, v)}" for k, v in point.items())
+            data["out"] = str(Path(cfg.out) / "runs" / run_name)
+            data["data"]["store"] = cfg.store
+            data["progress"] = False
+            try:
+                train_cfg = from_dict(TrainConfig, data)
+            except ConfigError as err:
+                raise ConfigError(f"compare: models[{i}] ({run_name}): {err}") from None
+            runs.append((run_name, train_cfg))
+    names = [n for n, _ in runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"compare: run names must be unique; repeated: {', '.join(dupes)} (give `name`)")
+    return runs
+
+
+# ------------------------------------------------------------------------------------------ running
+def ensure_store(cfg: CompareConfig) -> Path:
+    """The store at ``cfg.store``, harvested (or finished) first when it is not complete."""
+    from saekit.data.store import StoreReader
+
+    store = Path(cfg.store)
+    if (store / "manifest.json").exists() and StoreReader(store, verify=False).complete:
+        return store
+    from saekit.harvest import harvest
+
+    harvest(dataclasses.replace(cfg.harvest, out=str(store)))
+    return store
+
+
+def compare(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Path:
+    """Run the comparison described by the YAML at ``path`` (plus dotted overrides); returns the path of
+    the Markdown report."""
+    cfg = load_config(CompareConfig, path, overrides)
+    return run_compare(cfg)
+
+
+def run_compare(cfg: CompareConfig) -> Path:
+    from saekit.data.store import StoreReader
+    from saekit.evaluation.evaluate import EVAL_FILE, evaluate_run, load_store_lm
+    from saekit.training import train
+
+    runs = plan(cfg)  # config errors surface before any harvesting or training
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    reader = StoreReader(ensure_store(cfg))
+    lm = None
+    rows = []
+    for name, train_cfg in runs:
+        run_dir = train(train_cfg)
+        eval_cfg = dataclasses.replace(cfg.eval, run=str(run_dir), out=None, store=None)
+        result = _cached_eval(run_dir / EVAL_FILE, eval_cfg)
+        if result is None:
+            if lm is None and eval_cfg.downstream:
+                lm = load_store_lm(reader, _device(eval_cfg))
+            result = evaluate_run(eval_cfg, lm=lm)
+        rows.append(table_row(name, result))
+    _write_json(out / REPORT_JSON, rows)
+    write_csv(rows, out / REPORT_CSV)
+    report = write_markdown(rows, out / REPORT_MD, store=reader)
+    plot_pareto(rows, "fvu", "FVU (held out)", out / PLOT_FVU)
+    if any(r.get("downstream") is not None for r in rows):
+        name = next(r["downstream_name"] for r in rows if r.get("downstream_name"))
+        plot_pareto(rows, "downstream", _AXIS.get(name, name), out / PLOT_DOWNSTREAM, higher_is_better=True)
+    return report
+
+
+def _device(cfg: EvalConfig):
+    from saekit.config import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def _cached_eval(path: Path, cfg: EvalConfig) -> dict | None:
+    """A previous eval.json made with the same evaluation settings, else None."""
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    return old if old.get("eval_config") == json.loads(json.dumps(to_dict(cfg))) else None
+
+
+def _write_json(path: Path, data) -> None:
+    from saekit.evaluation.evaluate import write_json
+
+    write_json(path, data)
+
+
+# ------------------------------------------------------------------------------------------- table
+COLUMNS = [  # (csv key, markdown header)
+    ("method", "method"), ("kind", "kind"), ("code_size", "code size"), ("l0", "L0"), ("fvu", "FVU"),
+    ("downstream", "downstream"), ("loss_increase", "Δ loss (nats)"),
+    ("embedding_recovered", "emb. recovered"), ("dead_pct", "dead %"),
+    ("train_tokens_per_s", "train tok/s"), ("probe_accuracy", "probe acc"),
+    ("rbm_mean_error", "RBM mean err"), ("rbm_cov_error", "RBM cov err"),
+]
+
+
+def table_row(name: str, result: dict) -> dict:
+    """The comparison-table numbers of one evaluated run (None where a metric does not apply)."""
+    from saekit.evaluation.downstream import headline
+
+    rec = result["reconstruction"]
+    down = result.get("downstream")
+    probe = result.get("probe") or {}
+    sampling = result.get("sampling") or {}
+    row = {"method": name, "kind": result["kind"], "code_size": result["n_latents"], "l0": rec["l0"],
+           "fvu": rec["fvu"], "downstream_name": None, "downstream": None, "loss_increase": None,
+           "dead_pct": 100 * rec["dead_fraction"], "dead_window_tokens": rec["dead_window_tokens"],
+           "train_tokens_per_s": (result.get("training") or {}).get("tokens_per_s"),
+           "probe_accuracy": probe.get("accuracy"), "probe_accuracy_raw": probe.get("accuracy_raw"),
+           "probe_chance": probe.get("chance"),
+           "rbm_mean_error": sampling.get("mean_error"), "rbm_cov_error": sampling.get("cov_error"),
+           "rbm_mean_error_start": sampling.get("mean_error_start"),
+           "rbm_cov_error_start": sampling.get("cov_error_start"), "rbm_gibbs_steps": sampling.get("gibbs_steps"),
+           "embedding_recovered": None, "run": result.get("run")}
+    if down:
+        row["downstream_name"], row["downstream"] = headline(down)
+        row["loss_increase"] = down.get("loss_increase")
+        if down.get("kind") == "encoder":
+            row["embedding_recovered"] = down.get("embedding_recovered")
+    return row
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    keys = [k for k, _ in COLUMNS] + ["downstream_name", "probe_accuracy_raw", "probe_chance",
+                                      "rbm_mean_error_start", "rbm_cov_error_start", "rbm_gibbs_steps",
+                                      "dead_window_tokens", "run"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: ("" if row.get(k) is None else row[k]) for k in keys})
+    return path
+
+
+def _fmt(value, key: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key == "train_tokens_per_s":
+        return f"{value:,.0f}"
+    if key in ("l0", "dead_pct"):
+        return f"{value:.1f}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def write_markdown(rows: list[dict], path: Path, store=None) -> Path:
+    used = [(k, h) for k, h in COLUMNS if any(r.get(k) is not None for r in rows)]
+    lines = ["# Autoencoder comparison", ""]
+    if store is not None:
+        m = store.manifest
+        lines += [f"Store `{store.directory}`: model `{m.get('model')}`, hook(s) {', '.join(m['hooks'])}, "
+                  f"{store.n_rows:,} rows.", ""]
+    down_name = next((r["downstream_name"] for r in rows if r.get("downstream_name")), None)
+    notes = ["FVU, L0 and dead % on the store's held-out rows (dead: never active in the first "
+             f"{rows[0]['dead_window_tokens']:,} of them)."]
+    if down_name == "ce_loss_recovered":
+        notes.append("downstream: CE loss recovered against zero-ablation, with the loss increase in nats "
+                     "(spliced − clean) beside it.")
+    elif down_name:
+        notes.append("downstream: cosine similarity of the clean and spliced mean-pooled sentence embeddings; "
+                     "emb. recovered = (cos_spliced − cos_zero-ablated) / (1 − cos_zero-ablated).")
+    raw = next((r["probe_accuracy_raw"] for r in rows if r.get("probe_accuracy_raw") is not None), None)
+    if raw is not None:
+        chance = next(r["probe_chance"] for r in rows if r.get("probe_chance") is not None)
+        notes.append(f"probe acc: held-out accuracy of a linear probe for \"token continues a word\" on the "
+                     f"codes; on the raw activations it is {raw:.4f} (majority class {chance:.4f}).")
+    for r in rows:
+        if r.get("rbm_mean_error") is not None:
+            notes.append(f"{r['method']}: moment errors of Gibbs samples after {r['rbm_gibbs_steps']} steps "
+                         f"(mean {r['rbm_mean_error']:.3f}, covariance {r['rbm_cov_error']:.3f}); at the chains' "
+                         f"start {r['rbm_mean_error_start']:.3f} and {r['rbm_cov_error_start']:.3f} "
+                         "(definitions in saekit/evaluation/sampling.py).")
+    lines += [f"- {n}" for n in notes] + [""]
+    lines.append("| " + " | ".join(h for _, h in used) + " |")
+    lines.append("|" + "|".join("---" for _ in used) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k), k) for k, _ in used) + " |")
+    lines.append("")
+    lines += [f"![FVU against L0]({PLOT_FVU})", ""]
+    if down_name:
+        lines += [f"![downstream against L0]({PLOT_DOWNSTREAM})", ""]
+    Path(path).write_text("\n".join(lines))
+    return Path(path)
+
+
+# -------------------------------------------------------------------------------------------- plots
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = False) -> list[int]:
+    """Indices of the points no other point beats on both axes (lower x; lower y, or higher with
+    ``higher_is_better``), sorted by x."""
+    sign = -1.0 if higher_is_better else 1.0
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], sign * points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        y = sign * points[i][1]
+        if y < best:
+            front.append(i)
+            best = y
+    return front
+
+
+def plot_pareto(rows: list[dict], key: str, ylabel: str, path: Path, higher_is_better: bool = False) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    pts = [(r["l0"], r[key], r) for r in rows
+           if r.get(key) is not None and r.get("l0") is not None and math.isfinite(r[key]) and r["l0"] > 0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    kinds = list(dict.fromkeys(r["kind"] for _, _, r in pts))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, kind in enumerate(kinds):
+        mine = sorted((x, y, r) for x, y, r in pts if r["kind"] == kind)
+        ax.plot([p[0] for p in mine], [p[1] for p in mine], "o-" if len(mine) > 1 else "o",
+                color=colors[j % len(colors)], label=kind, alpha=0.85)
+        for x, y, r in mine:
+            ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = pareto_front([(x, y) for x, y, _ in pts], higher_is_better)
+    if len(front) > 1:
+        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="black",
+                linestyle=":", linewidth=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("L0 (active latents per token, held out)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

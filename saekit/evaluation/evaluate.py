@@ -1,0 +1,247 @@
+"""`saekit evaluate RUN_DIR`: every metric of a trained run, written to ``RUN_DIR/eval.json``.
+
+What is evaluated where:
+
+* Reconstruction and sparsity (FVU, MSE, cosine, L0, dead/dense fractions, the feature-density
+  histogram; definitions in metrics.py) on the LAST ``heldout_tokens`` rows of the store: exactly the rows
+  the trainer kept out of training when the run set ``data.heldout_tokens`` (the default here is that
+  same number, so the two agree unless overridden). Dead and dense fractions are over the first
+  ``dead_window_tokens`` of those rows (all of them by default); the window used is reported.
+* Downstream (see downstream.py) on whole token windows from the store's token table, taken from the
+  first window whose rows are all held out onward, so the language model sees text the autoencoder
+  was not trained on. The splice covers the positions the store kept rows for: the real (non-special)
+  tokens by default, every token when the store kept special tokens (``positions`` overrides).
+  Mean-ablation uses the mean of the held-out rows.
+* Optionally a linear probe (probe.py) and, for RBMs, the moments of Gibbs samples (sampling.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from saekit.config import EvalConfig, resolve_device
+from saekit.evaluation.metrics import FiringStats, Metrics
+
+EVAL_FILE = "eval.json"
+DENSITY_PLOT = "density.png"
+DEFAULT_HELDOUT = 50_000
+
+
+# ---------------------------------------------------------------------------------------- runs
+def load_run(run_dir: str | os.PathLike, device="cpu"):
+    """(model, TrainConfig dict or None, training metrics dict or None) of a trained run directory."""
+    from saekit.autoencoders import Autoencoder
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "model" / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir}: no trained model (model/config.json); train it first")
+    model = Autoencoder.load(run_dir / "model", device).eval()
+    cfg = _read_json(run_dir / "config.json")
+    metrics = _read_json(run_dir / "metrics.json")
+    return model, cfg, metrics
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: Path, data) -> None:
+    """Atomic: a temporary file, then a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_plain(data), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _plain(value):
+    """JSON-safe: NaN/inf become null, tensors lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------- held-out rows
+def heldout_range(n_rows: int, heldout_tokens: int) -> tuple[int, int]:
+    """Global rows [start, n_rows) of the last ``heldout_tokens`` rows."""
+    if heldout_tokens <= 0:
+        raise ValueError(f"heldout_tokens must be positive, got {heldout_tokens}")
+    return max(0, n_rows - heldout_tokens), n_rows
+
+
+def heldout_sequences(reader, first_row: int, n: int) -> tuple[torch.Tensor, bool]:
+    """Up to ``n`` whole windows [n, ctx] starting at the first sequence whose rows are all at or after
+    ``first_row``; and whether they are all held out (False: fell back to the store's last windows)."""
+    start = 0
+    if first_row > 0:
+        seqs, _, _ = reader.token_info((first_row - 1, first_row + 1))
+        start = int(seqs[1]) + (1 if int(seqs[0]) == int(seqs[1]) else 0)
+    held_out = start < reader.n_sequences
+    if not held_out:
+        warnings.warn("no whole token window lies inside the held-out rows; downstream metrics use the "
+                      "store's last windows, which the autoencoder may have been trained on", stacklevel=3)
+        start = max(0, reader.n_sequences - n)
+    stop = min(reader.n_sequences, start + n)
+    return torch.stack([reader.sequence(s) for s in range(start, stop)]), held_out
+
+
+def _row_batches(reader, hook, start, stop, batch_size, device):
+    for a in range(start, stop, batch_size):
+        yield reader.activations(hook, (a, min(stop, a + batch_size)), dtype=torch.float32).to(device)
+
+
+# -------------------------------------------------------------------------------------- metrics
+@torch.no_grad()
+def reconstruction_metrics(model, reader, hook: str, rows: tuple[int, int], batch_size: int = 4096,
+                           device="cpu", dead_window_tokens: int | None = None) -> tuple[dict, Metrics]:
+    """Every metrics.py number over store rows [start, stop), plus the feature-density histogram.
+
+    Dead and dense fractions (and the histogram) count the first ``dead_window_tokens`` rows only,
+    when given; ``dead_window_tokens`` in the result says which window they cover."""
+    model.eval()
+    metrics = Metrics(model.n_latents)
+    window = FiringStats(model.n_latents)
+    limit = rows[1] - rows[0] if dead_window_tokens is None else min(dead_window_tokens, rows[1] - rows[0])
+    for x in _row_batches(reader, hook, *rows, batch_size, device):
+        out = model(x)
+        metrics.update(x, out)
+        take = min(x.shape[0], limit - window.n)
+        if take > 0:
+            window.update(_first(out, take, model.n_latents), out.nonzero_per_token()[:take])
+    if metrics.n_tokens == 0:
+        raise ValueError(f"no rows to evaluate in {rows}")
+    result = metrics.compute()
+    firing = window.compute()
+    result.update(dead_fraction=firing["dead_fraction"], dense_fraction=firing["dense_fraction"],
+                  dead_window_tokens=window.n)
+    counts, edges, n_dead = window.histogram()
+    result["density_histogram"] = {"log10_density_edges": edges.tolist(), "counts": counts.tolist(),
+                                   "dead": n_dead}
+    return result, metrics
+
+
+def _first(out, take: int, n_latents: int) -> torch.Tensor:
+    """Fire counts of the first ``take`` tokens of a batch's output."""
+    if out.code is not None:
+        return (out.code[:take] != 0).sum(0)
+    idx = out.indices[:take][out.values[:take] != 0]
+    return torch.bincount(idx.flatten(), minlength=n_latents)
+
+
+def _positions(cfg: EvalConfig, manifest: dict) -> str:
+    if cfg.positions != "auto":
+        return cfg.positions
+    return "all" if manifest.get("keep_special_tokens") else "real"
+
+
+def load_store_lm(reader, device="cpu"):
+    """The language model a store was harvested from (by the id or path in its manifest)."""
+    from saekit.lm import load_lm
+
+    m = reader.manifest
+    dtype = (m.get("config") or {}).get("model_dtype", "float32")
+    return load_lm(m["model"], revision=m.get("revision"), dtype=dtype, device=device)
+
+
+def evaluate_model(model, reader, hook: str, cfg: EvalConfig, heldout_tokens: int, lm=None,
+                   training_heldout: int | None = None) -> dict:
+    """All metrics of one autoencoder against one store (``lm`` is loaded from the store if needed)."""
+    from saekit.evaluation.downstream import downstream_metrics
+
+    device = resolve_device(cfg.device)
+    model = model.to(device).eval()
+    rows = heldout_range(reader.n_rows, heldout_tokens)
+    result = {"kind": model.kind, "n_latents": model.n_latents, "d_in": model.d_in, "hook": hook,
+              "store": str(reader.directory), "heldout_rows": list(rows)}
+    if training_heldout is not None:
+        overlap = max(0, heldout_tokens - training_heldout)
+        result["heldout_rows_seen_in_training"] = overlap
+        if overlap:
+            warnings.warn(f"{overlap} of the {heldout_tokens} evaluation rows were not held out of training "
+                          f"(the run held out {training_heldout}); reconstruction metrics are optimistic",
+                          stacklevel=2)
+    recon, metrics = reconstruction_metrics(model, reader, hook, rows, cfg.batch_size, device,
+                                            cfg.dead_window_tokens)
+    result["reconstruction"] = recon
+    if cfg.downstream and cfg.downstream_sequences > 0:
+        tokens, held_out = heldout_sequences(reader, rows[0], cfg.downstream_sequences)
+        if lm is None:
+            lm = load_store_lm(reader, device)
+        down = downstream_metrics(lm, hook, model, tokens, backend=cfg.backend,
+                                  positions=_positions(cfg, reader.manifest), mean=metrics.recon.mean,
+                                  batch_size=cfg.downstream_batch_size, error_check=cfg.error_check)
+        down["windows_held_out"] = held_out
+        result["downstream"] = down
+    if cfg.probe:
+        from saekit.evaluation.probe import probe_run
+
+        result["probe"] = probe_run(model, reader, hook, rows, cfg.probe_tokens, device=device,
+                                    tokenizer=lm.tokenizer if lm is not None else None)
+    if model.kind == "rbm" and cfg.samples > 0:
+        from saekit.evaluation.sampling import rbm_moment_check
+
+        data = reader.activations(hook, (rows[0], min(rows[1], rows[0] + max(cfg.samples, 10_000))),
+                                  dtype=torch.float32).to(device)
+        result["sampling"] = rbm_moment_check(model, data, cfg.samples, cfg.gibbs_steps)
+    return result
+
+
+def evaluate_run(cfg: EvalConfig, lm=None) -> dict:
+    """Evaluate the run in ``cfg.run`` and write the results to ``RUN_DIR/eval.json`` (or ``cfg.out``).
+
+    ``lm``: the store's language model, already loaded (saves reloading it for many runs)."""
+    from saekit.config import to_dict
+    from saekit.data.store import StoreReader
+
+    run_dir = Path(cfg.run)
+    device = resolve_device(cfg.device)
+    model, train_cfg, train_metrics = load_run(run_dir, device)
+    data_cfg = (train_cfg or {}).get("data", {})
+    store = cfg.store or data_cfg.get("store")
+    if store is None:
+        raise ValueError(f"{run_dir}: no config.json naming the store; pass store=...")
+    reader = StoreReader(store)
+    hook = data_cfg.get("hook") or reader.hooks[0]
+    trained_heldout = int(data_cfg.get("heldout_tokens", 0) or 0)
+    heldout = cfg.heldout_tokens or trained_heldout or DEFAULT_HELDOUT
+    # A run trained on another store has no held-out rows in this one.
+    same_store = cfg.store is None or Path(cfg.store).resolve() == Path(data_cfg.get("store", "")).resolve()
+    result = evaluate_model(model, reader, hook, cfg, heldout, lm=lm,
+                            training_heldout=trained_heldout if same_store and train_cfg else None)
+    result["run"] = str(run_dir)
+    result["eval_config"] = to_dict(cfg)
+    if train_metrics:
+        result["training"] = {k: train_metrics.get(k) for k in ("tokens", "tokens_per_s", "elapsed_s")}
+    out = Path(cfg.out) if cfg.out else run_dir / EVAL_FILE
+    write_json(out, result)
+    plot_density(result["reconstruction"]["density_histogram"], out.with_name(DENSITY_PLOT),
+                 title=f"{model.kind}, {model.n_latents} latents")
+    return json.loads(json.dumps(_plain(result)))
+
+
+def plot_density(hist: dict, path: Path, title: str = "") -> Path:
+    """The feature-density histogram (log10 fraction of tokens each live latent fires on) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges, counts = hist["log10_density_edges"], hist["counts"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge")
+    ax.set_xlabel("log10 feature density")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{title} ({hist['dead']} dead)" if title else f"{hist['dead']} dead")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
