@@ -305,3 +305,28 @@ def test_jumprelu_l0_falls_as_l0_coefficient_rises(one_thread):
             l0s.append(model(x_test).nonzero_per_token().float().mean().item())
             assert (model.threshold - 0.1).abs().max() > 0.01  # the thresholds moved
     assert l0s[0] > l0s[1] > l0s[2], l0s
+
+
+def test_data_decoder_init_points_rows_at_centered_samples():
+    from saekit.autoencoders import build
+    from saekit.config import ModelConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(100, 16) * 3 + 5
+    model = build("topk", 16, ModelConfig(kind="topk", n_latents=64, k=4))
+    model.input_scale.fill_(0.5)
+    center = x.mean(0)
+    model.init_from_data(x, center)
+    rows = model.W_dec.detach()
+    assert torch.allclose(rows.norm(dim=-1), torch.ones(64), atol=1e-5)
+    assert torch.equal(model.W_enc.detach(), rows.T)
+    # Each row is a distinct sample, centered at b_dec (normalized units) and scaled to unit norm.
+    target = (x * 0.5 - center * 0.5)
+    target = target / target.norm(dim=-1, keepdim=True)
+    sims = rows @ target.T
+    assert torch.allclose(sims.max(-1).values, torch.ones(64), atol=1e-5)
+    assert len(set(sims.argmax(-1).tolist())) == 64
+    random_init = build("topk", 16, ModelConfig(kind="topk", n_latents=64, k=4, decoder_init="random"))
+    before = random_init.W_dec.detach().clone()
+    random_init.init_from_data(x, center)
+    assert torch.equal(random_init.W_dec.detach(), before)

@@ -55,10 +55,22 @@ class SparseAutoencoder(Autoencoder):
 
     def init_from_data(self, x: Tensor, b_dec: Tensor | None = None) -> None:
         """Set b_dec from a raw-unit estimate of the data's center (the trainer's geometric median or
-        mean). The model stores b_dec in normalized units, hence the input_scale. None: unchanged."""
-        if b_dec is not None:
-            with torch.no_grad():
+        mean; the model stores b_dec in normalized units, hence the input_scale; None: unchanged), and
+        with ``decoder_init: data`` point the decoder rows at distinct centered sample activations, the
+        encoder tied to their transpose: every latent starts where the data is, so fewer die early."""
+        with torch.no_grad():
+            if b_dec is not None:
                 self.b_dec.copy_(b_dec.to(self.b_dec) * self.input_scale)
+            if self.cfg.decoder_init == "random":
+                return
+            if self.cfg.decoder_init != "data":
+                raise ValueError(f"unknown decoder_init '{self.cfg.decoder_init}'; valid: data, random")
+            g = torch.Generator().manual_seed(0)
+            take = torch.randperm(len(x), generator=g)[: self.n_latents]
+            rows_ND = self.scale_in(x[take].to(self.W_dec)) - self.b_dec
+            rows_ND = rows_ND / rows_ND.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+            self.W_dec[: len(rows_ND)] = rows_ND  # a sample smaller than n leaves the rest random
+            self.W_enc.copy_(self.W_dec.T)
 
     def _output_dense(self, x_n_BD: Tensor, code_BN: Tensor, losses: dict[str, Tensor]):
         x_hat_n = code_BN @ self.W_dec + self.b_dec

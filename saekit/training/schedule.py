@@ -14,6 +14,14 @@ def default_lr(n_latents: int) -> float:
     return 2e-4 / math.sqrt(n_latents / 16384)
 
 
+def dead_tokens(cfg: TrainConfig) -> int:
+    """Idle tokens after which a latent counts as dead. 10M suits long runs; a short run would never
+    reach it and AuxK would never act, so by default it is a twentieth of the run."""
+    if cfg.model.dead_tokens is not None:
+        return cfg.model.dead_tokens
+    return max(1, min(10_000_000, cfg.total_tokens // 20))
+
+
 def base_lr(cfg: TrainConfig) -> float:
     return cfg.lr if cfg.lr is not None else default_lr(cfg.model.n_latents)
 

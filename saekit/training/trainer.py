@@ -29,7 +29,7 @@ from saekit.training import checkpoint, distributed
 from saekit.training.batches import BatchStream, open_store
 from saekit.training.data_stats import decoder_bias, input_scale
 from saekit.training.dead_latents import DeadTracker
-from saekit.training.schedule import base_lr, lr_factor, sparsity_scale
+from saekit.training.schedule import base_lr, dead_tokens, lr_factor, sparsity_scale
 from saekit.training.tracking import Tracker, plot_history
 
 INIT_SAMPLE_TOKENS = 16_384  # tokens (over all ranks) used to set the input scale and decoder bias
@@ -226,6 +226,7 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         model.train()
         self.base_lr = base_lr(cfg)
+        self.dead_tokens = dead_tokens(cfg)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.base_lr, betas=tuple(cfg.betas),
                                           fused=fused)
@@ -271,7 +272,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.set_sparsity_scale(sparsity_scale(middle, cfg))
-        model.set_dead_mask(self.dead.dead_mask(cfg.model.dead_tokens))
+        model.set_dead_mask(self.dead.dead_mask(self.dead_tokens))
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.forward(x)
