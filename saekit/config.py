@@ -154,6 +154,7 @@ class AnalyzeConfig:
     context: int = 8
     quantiles: int = 5
     max_features: int = 200
+    worst: int = 20  # list the tokens the model reconstructs worst (anomaly scores)
     max_tokens: int | None = None
     batch_size: int = 4096
     device: str = "auto"

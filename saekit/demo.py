@@ -48,10 +48,12 @@ def run_demo(path: str | None = None, overrides: dict | None = None) -> dict:
     return {"metrics": metrics, "dashboard": str(dashboard)}
 
 
+HEADLINE = ("fvu", "l0", "dead_fraction", "cosine",  # reconstruction, on held-out tokens
+            "cosine_spliced", "embedding_recovered",  # encoders: the spliced sentence embedding
+            "loss_increase", "ce_loss_recovered", "kl_clean_spliced")  # causal LMs
+
+
 def _headline(metrics: dict) -> dict:
     """The few numbers a newcomer should see, from the evaluate stage's JSON."""
-    rec = metrics.get("reconstruction", metrics)
-    out = {name: f"{rec[name]:.4g}" for name in ("fvu", "l0", "dead_fraction", "cosine") if name in rec}
-    down = metrics.get("downstream") or {}
-    out.update({name: f"{value:.4g}" for name, value in down.items() if isinstance(value, float)})
-    return out
+    both = {**metrics.get("reconstruction", {}), **(metrics.get("downstream") or {})}
+    return {name: f"{both[name]:.4g}" for name in HEADLINE if isinstance(both.get(name), float)}

@@ -38,6 +38,7 @@ def test_analyze_run_writes_dashboard(minilm_run):
     path = analyze_run(AnalyzeConfig(run=str(minilm_run), max_features=10))
     page = Path(path).read_text()
     assert page.count('class="card"') == 10
+    assert "Worst-reconstructed tokens" in page
 
 
 def test_walkthrough_notebook_runs_end_to_end(minilm_run):

@@ -131,14 +131,26 @@ def index_html(cards: list[FeatureCard]) -> str:
     return head + "".join(rows) + "</tbody></table>"
 
 
-def write_dashboard(cards: list[FeatureCard], path: str | Path, title: str, summary: dict) -> Path:
-    """One self-contained HTML file: summary, sortable index, then every card."""
+def anomaly_html(entries: list[dict]) -> str:
+    """The worst-reconstructed tokens (from evaluation.anomaly.worst_contexts), the token highlighted."""
+    rows = []
+    for e in entries:
+        ctx = "".join(f'<span class="tok{" center" if i == e["index"] else ""}">{_e(t)}</span>'
+                      for i, t in enumerate(e["context"]))
+        rows.append(f'<div class="ex"><span class="act">{e["score"]:.3g}</span>{ctx}</div>')
+    return "".join(rows)
+
+
+def write_dashboard(cards: list[FeatureCard], path: str | Path, title: str, summary: dict,
+                    sections: list[tuple[str, str]] = ()) -> Path:
+    """One self-contained HTML file: summary, extra sections (already-escaped HTML), index, cards."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     summary_rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in summary.items())
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>{STYLE}"
             f"{SORT_SCRIPT}</head><body><h1>{_e(title)}</h1><table>{summary_rows}</table>"
-            f"<h2>Features</h2>{index_html(cards)}<h2>Cards</h2>"
+            + "".join(f"<h2>{_e(t)}</h2>{body}" for t, body in sections)
+            + f"<h2>Features</h2>{index_html(cards)}<h2>Cards</h2>"
             + "\n".join(c.html() for c in cards) + "</body></html>")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from saekit.analysis.dashboard import Example, FeatureCard, write_dashboard
+from saekit.analysis.dashboard import Example, FeatureCard, anomaly_html, write_dashboard
 from saekit.analysis.stats import FeatureStats, FeatureStatsAccumulator
 from saekit.autoencoders import Autoencoder
 from saekit.config import AnalyzeConfig, TrainConfig, from_dict, resolve_device
@@ -178,13 +178,20 @@ class FeatureReport:
         return order[torch.linspace(0, len(order) - 1, n).long()].tolist()
 
     def write_html(self, path: str | Path, latents: list[int], title: str = "saekit features",
-                   summary: dict | None = None) -> Path:
+                   summary: dict | None = None, worst: int = 0) -> Path:
         cards = [self.card(i) for i in latents]
         st = self.stats
         summary = {"store": str(self.reader.directory) if hasattr(self.reader, "directory") else "",
                    "hook": self.hook, "tokens analyzed": st.n_tokens, "latents": self.model.n_latents,
                    "never active": f"{float((st.fire_count == 0).float().mean()):.2%}", **(summary or {})}
-        return write_dashboard(cards, path, title, summary)
+        sections = []
+        if worst:
+            from saekit.evaluation.anomaly import worst_contexts
+
+            entries = worst_contexts(self.model, self.reader, self.hook, top=worst,
+                                     rows=(0, st.n_tokens), tokenizer=self.tokenizer)
+            sections.append((f"Worst-reconstructed tokens (squared error, top {worst})", anomaly_html(entries)))
+        return write_dashboard(cards, path, title, summary, sections)
 
 
 def analyze_run(cfg: AnalyzeConfig) -> Path:
@@ -192,4 +199,4 @@ def analyze_run(cfg: AnalyzeConfig) -> Path:
                                  context=cfg.context, device=cfg.device)
     out = Path(cfg.out or Path(cfg.run) / "dashboard")
     return report.write_html(out / "index.html", report.pick_features(cfg.max_features),
-                             title=f"saekit features: {Path(cfg.run).name}")
+                             title=f"saekit features: {Path(cfg.run).name}", worst=cfg.worst)
