@@ -22,3 +22,14 @@ def minilm_run(tmp_path_factory):
                             data=DataConfig(store=str(store), batch_size=256, heldout_tokens=1000),
                             model=ModelConfig(kind="topk", n_latents=256, k=8)))
     return run
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of tiny tensors: one intra-op thread is as fast, and far faster on shared cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -11,13 +11,7 @@ from saekit.config import ModelConfig
 CLASSICAL = ["linear", "autoencoder", "denoising", "contractive", "pca"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and far faster when the CPU cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(kind: str, d: int = 8, **fields) -> Autoencoder:

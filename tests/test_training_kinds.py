@@ -20,13 +20,7 @@ spec.loader.exec_module(tc)
 KINDS = sorted(k for k in REGISTRY if "test" not in k)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention on the shared 2-core machines."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(out, kind):

@@ -33,6 +33,8 @@ from safetensors import safe_open
 
 import saekit
 
+from saekit.config import config_diff
+
 from .tokens import tokenizer_meta
 
 FORMAT = "saekit.activation_store"
@@ -83,16 +85,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -329,16 +321,15 @@ class StoreWriter:
     # ------------------------------------------------------------------------------------ resume
     @staticmethod
     def _identity(manifest: dict) -> dict:
-        """What must match for a resume, flattened to dotted keys: everything but the counters, the
+        """What must match for a resume: everything but the counters, the
         shard list, the saekit version and the config keys that do not change the content."""
         skip = {"n_rows", "n_sequences", "complete", "shards", "saekit_version", "config"}
         config = {k: v for k, v in manifest.get("config", {}).items() if k not in IGNORED_CONFIG_KEYS}
-        return _flatten({k: v for k, v in manifest.items() if k not in skip}) | _flatten(config, "config.")
+        return {**{k: v for k, v in manifest.items() if k not in skip}, "config": config}
 
     def _check_same(self, old: dict) -> None:
-        a, b = self._identity(old), self._identity(self.manifest)
-        diffs = [f"  {key}: {a.get(key, '<absent>')!r} (in store) != {b.get(key, '<absent>')!r} (now)"
-                 for key in sorted(set(a) | set(b)) if a.get(key, "<absent>") != b.get(key, "<absent>")]
+        diffs = [f"  {key}: {was!r} (in store) != {now!r} (now)"
+                 for key, was, now in config_diff(self._identity(old), self._identity(self.manifest))]
         if diffs:
             raise StoreMismatchError(
                 f"{self.directory} holds a store made with a different configuration; use another "

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from saekit.autoencoders import Autoencoder, build
-from saekit.config import ConfigError, TrainConfig, resolve_device, to_dict
+from saekit.config import ConfigError, TrainConfig, config_diff, resolve_device, to_dict
 from saekit.evaluation.metrics import FiringStats, Metrics, ReconstructionStats, fire_counts
 from saekit.training import checkpoint, distributed
 from saekit.training.batches import BatchStream, open_store
@@ -35,7 +35,7 @@ from saekit.training.tracking import Tracker, plot_history
 INIT_SAMPLE_TOKENS = 16_384  # tokens (over all ranks) used to set the input scale and decoder bias
 HISTORY_COLUMNS = ["step", "tokens", "loss", "fvu", "l0"]
 # Keys that may differ when a run is resumed: where it lives (a moved run dir) and what is displayed.
-DISPLAY_KEYS = {"out", "progress", "wandb", "wandb_project", "log_every"}
+DISPLAY_KEYS = ("out", "progress", "wandb", "wandb_project", "log_every")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,26 +53,14 @@ def train(cfg: TrainConfig, data=None) -> Path:
     return Trainer(cfg, data).run()
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
     """Refuse a run directory that holds a run with another config, naming the differing keys."""
     path = run_dir / "config.json"
     if not path.exists():
         return
-    saved, new = _flatten(json.loads(path.read_text())), _flatten(json.loads(json.dumps(to_dict(cfg))))
-    diff = sorted(k for k in saved.keys() | new.keys()
-                  if saved.get(k) != new.get(k) and k not in DISPLAY_KEYS)
+    diff = config_diff(json.loads(path.read_text()), json.loads(json.dumps(to_dict(cfg))), DISPLAY_KEYS)
     if diff:
-        detail = ", ".join(f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in diff)
+        detail = ", ".join(f"{k} ({was!r} -> {now!r})" for k, was, now in diff)
         raise ConfigError(f"{run_dir} already holds a run with a different config; differing keys: "
                           f"{detail}. Use another `out` directory, or delete this one to start over.")
 
