@@ -55,7 +55,7 @@ class DataConfig:
 
     store: str = "runs/store"
     hook: str = DEFAULT_HOOK
-    batch_size: int = 4096  # activations per training batch
+    batch_size: int = 1024  # activations per training batch (global, over all ranks)
     buffer_tokens: int = 262_144  # token-level shuffle buffer (rows)
     heldout_tokens: int = 0  # rows at the end of the store kept out of training for evaluation
     seed: int = 0
@@ -82,7 +82,11 @@ class ModelConfig:
     # at most 10M (Gao et al.'s value for long runs).
     dead_tokens: int | None = None
     fast_path: bool = True  # topk: sparse kernels (autoencoders/kernels.py); False = dense reference
-    batchtopk_threshold_beta: float = 0.999  # batchtopk: EMA decay of the inference threshold
+    # batchtopk: EMA decay of the inference threshold, per training step. 0.99 averages the last ~100
+    # batches: enough to smooth a per-batch order statistic of k*B values, short enough to follow the
+    # drifting activations of a run of a few hundred steps (0.999 still weighted the first, untrained
+    # batches by ~0.55 after 600 steps, so inference L0 landed far from k).
+    batchtopk_threshold_beta: float = 0.99
     hidden: list[int] = field(default_factory=list)  # nonlinear AE: extra hidden layers
     activation: str = "relu"
     noise: str = "gaussian"  # denoising AE: "gaussian" or "mask"
@@ -170,7 +174,7 @@ class DemoConfig:
     harvest_tokens: int = 1_000_000  # at most: the built-in corpus runs out at about 408k tokens
     heldout_tokens: int = 50_000
     train_tokens: int = 600_000
-    batch_size: int = 1024
+    batch_size: int = 512
     n_latents: int = 6144
     k: int = 32
     features: int = 200  # cards in the dashboard

@@ -44,8 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ------------------------------------------------------------------------------------------- pieces
 def test_default_lr_and_schedules():
-    assert default_lr(16384) == pytest.approx(2e-4)
-    assert default_lr(4 * 16384) == pytest.approx(1e-4)
+    assert default_lr(16384) == pytest.approx(6e-4)
+    assert default_lr(4 * 16384) == pytest.approx(3e-4)
     cfg = tc.toy_config("unused", total_tokens=1000)
     cfg.warmup_tokens, cfg.decay_start, cfg.sparsity_warmup_tokens = 100, 0.8, 400
     assert lr_factor(50, cfg) == pytest.approx(0.5)
