@@ -70,9 +70,18 @@ class ModelConfig:
     n_latents: int = 6144
     k: int = 32
     l1_coefficient: float = 5.0
-    l0_coefficient: float = 1e-3
-    jumprelu_threshold: float = 1e-3
-    jumprelu_bandwidth: float = 1e-3
+    # JumpReLU, all in normalized units (E||x||^2 = d, so pre-activations are O(1)-O(10), not O(1e-3)).
+    # A latent firing at value c with a unit-norm decoder row removes at most c^2 of squared error and
+    # costs l0_coefficient, so sqrt(l0_coefficient) is the break-even threshold: the initial threshold
+    # defaults to it, so the penalty sets the sparsity from the first step (the log-threshold moves only
+    # ~lr per step, too slowly to travel far in a short run).
+    l0_coefficient: float = 50.0
+    jumprelu_threshold: float | None = None  # initial threshold; None: sqrt(l0_coefficient)
+    jumprelu_bandwidth: float = 1.0  # STE kernel width: enough pre-activations near theta give it gradient
+    # Learning-rate multiplier of the log-thresholds: Adam moves each by ~lr per step, while an encoder
+    # column (unit norm, entries ~1/sqrt(d)) changes by ~lr*sqrt(d) relative to itself; without it the
+    # thresholds cannot keep up with the encoder and the L0 coefficient barely acts in a short run.
+    jumprelu_threshold_lr_scale: float = 10.0
     # SAE decoder rows at init: "data" = centered, normalized sample activations (encoder = transpose),
     # "random" = random unit vectors. Data init converges faster on short runs (measured in the notes).
     decoder_init: str = "data"
@@ -162,6 +171,7 @@ class AnalyzeConfig:
     max_tokens: int | None = None
     batch_size: int = 4096
     device: str = "auto"
+    progress: bool = True
 
 
 @dataclass

@@ -44,6 +44,7 @@ class FeatureReport:
     hook: str
     stats: FeatureStats
     context: int = 8
+    quantile_bins: int = 4
 
     @classmethod
     def build(cls, run: str | Path, store: str | None = None, max_tokens: int | None = None,
@@ -83,8 +84,18 @@ class FeatureReport:
         return AutoTokenizer.from_pretrained(resolve_source(self.reader.manifest["model"])[0])
 
     def token_str(self, ids) -> list[str]:
-        return [self.tokenizer.convert_tokens_to_string([t]) if t is not None else "?"
-                for t in self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
+        return [self._token_strings[int(i)] if int(i) in self._token_strings else self._decode(int(i))
+                for i in ids]
+
+    @cached_property
+    def _token_strings(self) -> dict[int, str]:
+        return {}
+
+    def _decode(self, token_id: int) -> str:
+        tok = self.tokenizer.convert_ids_to_tokens([token_id])[0]
+        text = "?" if tok is None else self.tokenizer.convert_tokens_to_string([tok])
+        self._token_strings[token_id] = text
+        return text
 
     @cached_property
     def _row_keys(self) -> Tensor:
@@ -93,37 +104,68 @@ class FeatureReport:
         return seq * self.reader.context_size + pos.long()
 
     # --- examples ------------------------------------------------------------------------------------
-    def examples(self, latent: int, rows: list[int], acts: list[float]) -> list[Example]:
-        """Context windows around ``rows`` with the latent's activation on every stored token."""
-        out = []
-        seq, pos, _ = self.reader.token_info(torch.tensor(rows, dtype=torch.long))
-        for s, p, a in zip(seq.tolist(), pos.tolist(), acts):
-            ids, center = self.reader.context(s, p, self.context, self.context)
-            keys = s * self.reader.context_size + torch.arange(p - center, p - center + len(ids))
-            idx = torch.searchsorted(self._row_keys, keys).clamp(max=len(self._row_keys) - 1)
-            stored = self._row_keys[idx] == keys
-            window_acts = torch.zeros(len(ids))
-            if stored.any():
-                codes = encode_rows(self.model, self.reader, self.hook, idx[stored])
-                window_acts[stored] = codes[:, latent]
-            out.append(Example(self.token_str(ids), window_acts.tolist(), center, a))
+    def latent_acts(self, rows: Tensor, latents: Tensor) -> Tensor:
+        """Activation of ``latents[i]`` on store row ``rows[i]`` for many pairs: one encode per unique row."""
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        out = torch.zeros(len(rows))
+        for start in range(0, len(uniq), 4096):
+            code = encode_rows(self.model, self.reader, self.hook, uniq[start:start + 4096])
+            sel = (inv >= start) & (inv < start + 4096)
+            out[sel] = code[inv[sel] - start, latents[sel]]
         return out
 
-    def card(self, latent: int, n_top: int = 10, quantile_bins: int = 4, per_bin: int = 3) -> FeatureCard:
+    def examples(self, specs: list[tuple[int, int, float]]) -> list[Example]:
+        """(latent, row, activation) triples -> context windows with the latent's activation on every
+        stored token of the window; all windows are encoded together."""
+        if not specs:
+            return []
+        seq, pos, _ = self.reader.token_info(torch.tensor([r for _, r, _ in specs], dtype=torch.long))
+        windows = [self.reader.context(s, p, self.context, self.context) for s, p in zip(seq.tolist(), pos.tolist())]
+        ctx = self.reader.context_size
+        keys = torch.cat([s * ctx + torch.arange(p - c, p - c + len(ids))
+                          for (ids, c), s, p in zip(windows, seq.tolist(), pos.tolist())])
+        lats = torch.cat([torch.full((len(ids),), lat) for (ids, _), (lat, _, _) in zip(windows, specs)])
+        idx = torch.searchsorted(self._row_keys, keys).clamp(max=len(self._row_keys) - 1)
+        stored = self._row_keys[idx] == keys  # special tokens have no row: they show activation 0
+        acts = torch.zeros(len(keys))
+        acts[stored] = self.latent_acts(idx[stored], lats[stored])
+        out, start = [], 0
+        for (ids, center), (_, _, a) in zip(windows, specs):
+            out.append(Example(self.token_str(ids), acts[start:start + len(ids)].tolist(), center, a))
+            start += len(ids)
+        return out
+
+    def cards(self, latents: list[int], n_top: int = 10, quantile_bins: int | None = None,
+              per_bin: int = 3) -> list[FeatureCard]:
         st = self.stats
-        ok = st.top_row[latent] >= 0
-        top_rows, top_vals = st.top_row[latent][ok][:n_top].tolist(), st.top_val[latent][ok][:n_top].tolist()
-        quantiles = []
-        for i, group in enumerate(st.quantile_examples(latent, quantile_bins, per_bin)):
-            lo = group[-1][0] if group else 0.0
-            quantiles.append((f"sampled, quantile bin {i + 1}/{quantile_bins} (act >= {lo:.3g})",
-                              self.examples(latent, [r for _, r in group], [v for v, _ in group])))
+        quantile_bins = quantile_bins or self.quantile_bins
+        plans, specs = [], []  # per card: (top slice, [(title, slice)]) into one list of example specs
+        for latent in latents:
+            ok = st.top_row[latent] >= 0
+            top = list(zip(st.top_row[latent][ok][:n_top].tolist(), st.top_val[latent][ok][:n_top].tolist()))
+            top_slice = slice(len(specs), len(specs) + len(top))
+            specs += [(latent, r, v) for r, v in top]
+            bins = []
+            for i, group in enumerate(st.quantile_examples(latent, quantile_bins, per_bin)):
+                title = f"sampled, quantile bin {i + 1}/{quantile_bins} (act >= {group[-1][0]:.3g})"
+                bins.append((title, slice(len(specs), len(specs) + len(group))))
+                specs += [(latent, r, v) for v, r in group]
+            plans.append((latent, top_slice, bins))
+        examples = self.examples(specs)
+        return [self._card(latent, examples[top], [(t, examples[s]) for t, s in bins])
+                for latent, top, bins in plans]
+
+    def card(self, latent: int, **kw) -> FeatureCard:
+        return self.cards([latent], **kw)[0]
+
+    def _card(self, latent: int, top: list[Example], quantiles) -> FeatureCard:
+        st = self.stats
         sample = st.sample_val[latent][st.sample_row[latent] >= 0]
         counts, edges = (torch.histogram(sample, bins=20) if len(sample) else (torch.zeros(0), torch.zeros(1)))
         lens_title, pos, neg = self.lens(latent)
         return FeatureCard(latent, float(st.density[latent]), float(st.max_act[latent]),
-                           float(st.mean_act[latent]), self.examples(latent, top_rows, top_vals), quantiles,
-                           lens_title, pos, neg, edges.tolist(), counts.long().tolist())
+                           float(st.mean_act[latent]), top, quantiles, lens_title, pos, neg,
+                           edges.tolist(), counts.long().tolist())
 
     # --- logit lens -----------------------------------------------------------------------------------
     @cached_property
@@ -179,7 +221,7 @@ class FeatureReport:
 
     def write_html(self, path: str | Path, latents: list[int], title: str = "saekit features",
                    summary: dict | None = None, worst: int = 0) -> Path:
-        cards = [self.card(i) for i in latents]
+        cards = self.cards(latents)
         st = self.stats
         summary = {"store": str(self.reader.directory) if hasattr(self.reader, "directory") else "",
                    "hook": self.hook, "tokens analyzed": st.n_tokens, "latents": self.model.n_latents,
@@ -196,7 +238,8 @@ class FeatureReport:
 
 def analyze_run(cfg: AnalyzeConfig) -> Path:
     report = FeatureReport.build(cfg.run, cfg.store, cfg.max_tokens, cfg.batch_size, cfg.top_k,
-                                 context=cfg.context, device=cfg.device)
+                                 context=cfg.context, device=cfg.device, progress=cfg.progress)
+    report.quantile_bins = cfg.quantiles
     out = Path(cfg.out or Path(cfg.run) / "dashboard")
     return report.write_html(out / "index.html", report.pick_features(cfg.max_features),
                              title=f"saekit features: {Path(cfg.run).name}", worst=cfg.worst)

@@ -76,6 +76,34 @@ class FeatureStats:
         return [[(float(vals[i]), int(rows[i])) for i in b[:per_bin]] for b in bins]
 
 
+class _TopTable:
+    """Per-latent top-k entries by key, fed in batches. Candidates are buffered and merged once the
+    buffer is as large as the table, so the sort cost is amortized over many batches. Filtering by the
+    last merged threshold stays correct: it only ever lets through extra candidates, never drops one
+    that belongs in the top k."""
+
+    def __init__(self, n: int, k: int, device):
+        self.val = torch.zeros(n, k, device=device)
+        self.row = torch.full((n, k), -1, dtype=torch.long, device=device)
+        self.key = torch.full((n, k), -float("inf"), device=device)
+        self.pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        self.n_pending = 0
+
+    def offer(self, lat: Tensor, val: Tensor, row: Tensor, key: Tensor) -> None:
+        cand = key > self.key[lat, -1]  # beats the latent's k-th best so far (-inf while there is room)
+        if cand.any():
+            self.pending.append((lat[cand], val[cand], row[cand], key[cand]))
+            self.n_pending += int(cand.sum())
+        if self.n_pending >= self.key.numel():
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            lat, val, row, key = (torch.cat(t) for t in zip(*self.pending))
+            _merge_top(self.val, self.row, self.key, lat, val, row, key)
+            self.pending, self.n_pending = [], 0
+
+
 class FeatureStatsAccumulator:
     def __init__(self, n_latents: int, top_k: int = 20, n_sample: int = 50, seed: int = 0,
                  device: torch.device | str = "cpu"):
@@ -85,14 +113,9 @@ class FeatureStatsAccumulator:
         self.fire_count = torch.zeros(n_latents, dtype=torch.long, **f)
         self.max_act = torch.full((n_latents,), -float("inf"), **f)  # codes may be negative (PCA)
         self.sum_act = torch.zeros(n_latents, dtype=torch.float64, **f)
-        self.top = self._table(top_k)
-        self.sample = self._table(n_sample)
+        self.top = _TopTable(n_latents, top_k, self.device)
+        self.sample = _TopTable(n_latents, n_sample, self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
-
-    def _table(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        return (torch.zeros(self.n, k, device=self.device),
-                torch.full((self.n, k), -1, dtype=torch.long, device=self.device),
-                torch.full((self.n, k), -float("inf"), device=self.device))
 
     def update(self, code_BN: Tensor, rows_B: Tensor) -> None:
         """Add a batch of dense codes [B, n] whose store rows are ``rows_B``."""
@@ -110,20 +133,13 @@ class FeatureStatsAccumulator:
         self.fire_count += torch.bincount(lat, minlength=self.n)
         self.max_act.scatter_reduce_(0, lat, val, reduce="amax")
         self.sum_act.index_add_(0, lat, val.double())
-        self._offer(self.top, lat, val, rows, val)
-        keys = torch.rand(val.shape, generator=self.gen, device=val.device)
-        self._offer(self.sample, lat, val, rows, keys)
-
-    @staticmethod
-    def _offer(table, lat: Tensor, val: Tensor, rows: Tensor, key: Tensor) -> None:
-        best_val, best_row, best_key = table
-        # Only entries beating their latent's current k-th best key (-inf while there is room) compete.
-        cand = key > best_key[lat, -1]
-        if cand.any():
-            _merge_top(best_val, best_row, best_key, lat[cand], val[cand], rows[cand], key[cand])
+        self.top.offer(lat, val, rows, val)
+        self.sample.offer(lat, val, rows, torch.rand(val.shape, generator=self.gen, device=val.device))
 
     def result(self) -> FeatureStats:
+        self.top.flush()
+        self.sample.flush()
         cpu = lambda t: t.cpu()  # noqa: E731
         max_act = torch.where(self.fire_count > 0, self.max_act, torch.zeros_like(self.max_act))
         return FeatureStats(self.n_tokens, cpu(self.fire_count), cpu(max_act), cpu(self.sum_act),
-                            cpu(self.top[0]), cpu(self.top[1]), cpu(self.sample[0]), cpu(self.sample[1]))
+                            cpu(self.top.val), cpu(self.top.row), cpu(self.sample.val), cpu(self.sample.row))
