@@ -19,6 +19,7 @@ from saekit.analysis.stats import FeatureStats, FeatureStatsAccumulator
 from saekit.autoencoders import Autoencoder
 from saekit.config import AnalyzeConfig, TrainConfig, from_dict, resolve_device
 from saekit.data.store import StoreReader
+from saekit.data.tokens import continuation_prefix
 
 
 def run_paths(run: str | Path, store: str | None = None) -> tuple[Path, Path, str]:
@@ -92,8 +93,16 @@ class FeatureReport:
         return {}
 
     def _decode(self, token_id: int) -> str:
+        """A token as it reads inside running text: WordPiece word starts get their leading space and
+        continuations lose the '##'; byte-level BPE and SentencePiece spell their spaces themselves."""
         tok = self.tokenizer.convert_ids_to_tokens([token_id])[0]
-        text = "?" if tok is None else self.tokenizer.convert_tokens_to_string([tok])
+        prefix = continuation_prefix(self.tokenizer)
+        if tok is None:
+            text = "?"
+        elif prefix is None or token_id in self.tokenizer.all_special_ids:
+            text = self.tokenizer.convert_tokens_to_string([tok])
+        else:
+            text = tok[len(prefix):] if tok.startswith(prefix) else " " + tok
         self._token_strings[token_id] = text
         return text
 

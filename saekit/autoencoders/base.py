@@ -114,6 +114,11 @@ class Autoencoder(nn.Module):
         """Latents the trainer has seen idle too long (used by AuxK)."""
         self.dead_mask = dead
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (as in ``named_parameters``); the rest get 1.
+        E.g. JumpReLU's log-thresholds, which must travel further per step than the weights do."""
+        return {}
+
     def init_from_data(self, x: Tensor, b_dec: Tensor | None = None) -> None:
         """Data-dependent initialization from a sample of raw activations (decoder bias, thresholds)."""
 

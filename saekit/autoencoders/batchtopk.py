@@ -2,7 +2,10 @@
 budget of k latents on average; at inference a single learned threshold replaces the batch top-k.
 
 The threshold is an EMA of the smallest activation each training batch kept (dictionary_learning does
-the same), stored as a buffer so it is saved and loaded. In eval mode the code is
+the same), stored as a buffer so it is saved and loaded. The activations drift while the model trains,
+so the EMA must forget early batches within the run: the default decay (0.99 per step, a ~100-step
+memory) does; dictionary_learning's 0.999 is made for runs of many thousands of steps and leaves a
+short run's threshold stuck near its untrained start. In eval mode the code is
 relu(pre) * (relu(pre) > threshold), a per-token rule like JumpReLU's; until the first training batch
 has set it (threshold < 0) eval falls back to the batch top-k. Decoder rows are unit norm as for TopK.
 """

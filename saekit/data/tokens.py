@@ -113,3 +113,12 @@ def _iter_window_blocks(tokenizer, texts: Iterable[str], context_size: int) -> I
             continue
         bodies = torch.from_numpy(stream[: n * body]).view(n, body)
         yield torch.cat([prefix_t.expand(n, -1), bodies, suffix_t.expand(n, -1)], dim=1)
+
+
+def continuation_prefix(tokenizer) -> str | None:
+    """The WordPiece continuation prefix (``##``), or None for a tokenizer that does not use one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if model is not None and type(model).__name__ == "WordPiece":
+        return model.continuing_subword_prefix
+    return None

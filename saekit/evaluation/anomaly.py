@@ -73,7 +73,7 @@ def worst_contexts(model, store, hook: str | None = None, top: int = 20,
 
 def mark_context(tokenizer, ids: list[int], index: int) -> str:
     """The decoded context with the token at ``index`` shown as ``[[token]]``."""
-    from saekit.evaluation.probe import continuation_prefix
+    from saekit.data.tokens import continuation_prefix
 
     left, right = tokenizer.decode(ids[:index]), tokenizer.decode(ids[index + 1:])
     mid = tokenizer.decode(ids[index:index + 1])

@@ -18,15 +18,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-
-def continuation_prefix(tokenizer) -> str | None:
-    """The WordPiece continuation prefix (``##``), or None for a tokenizer that does not use one."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = getattr(backend, "model", None)
-    if model is not None and type(model).__name__ == "WordPiece":
-        return model.continuing_subword_prefix
-    return None
+from saekit.data.tokens import continuation_prefix
 
 
 _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

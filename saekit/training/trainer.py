@@ -65,6 +65,19 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
                           f"{detail}. Use another `out` directory, or delete this one to start over.")
 
 
+def param_groups(model: Autoencoder) -> list[dict]:
+    """Adam parameter groups: one per learning-rate multiplier (``model.lr_scales()``), each group
+    carrying its ``lr_scale`` so the schedule can set ``lr = base * schedule * lr_scale``."""
+    scales = model.lr_scales()
+    unknown = set(scales) - {name for name, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"lr_scales names no parameter of {type(model).__name__}: {sorted(unknown)}")
+    groups: dict[float, list] = {}
+    for name, param in model.named_parameters():
+        groups.setdefault(float(scales.get(name, 1.0)), []).append(param)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
+
 def _wrap_ddp(model: Autoencoder, device: torch.device):
     import inspect
 
@@ -216,7 +229,7 @@ class Trainer:
         self.base_lr = base_lr(cfg)
         self.dead_tokens = dead_tokens(cfg)
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.base_lr, betas=tuple(cfg.betas),
+        self.optimizer = torch.optim.Adam(param_groups(model), lr=self.base_lr, betas=tuple(cfg.betas),
                                           fused=fused)
         self.dead = DeadTracker(model.n_latents, self.device)
         self.density = FiringStats(model.n_latents)  # feature density over ~dead_window_tokens
@@ -258,7 +271,7 @@ class Trainer:
         middle = self.tokens + n_tokens / 2
         lr = self.base_lr * lr_factor(middle, cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         model.set_sparsity_scale(sparsity_scale(middle, cfg))
         model.set_dead_mask(self.dead.dead_mask(self.dead_tokens))
 
