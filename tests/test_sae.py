@@ -240,6 +240,22 @@ def test_batchtopk_train_budget_and_eval_threshold():
     torch.testing.assert_close(code, acts * (acts > before))
 
 
+def test_batchtopk_default_threshold_follows_drifting_activations():
+    """The default EMA must track activations that drift during a short run: after 600 training
+    batches at a new scale (a 600k-token run at batch 1024 has ~590), inference L0 is close to k.
+    (With beta 0.999 the stale start keeps a weight of ~0.55 and L0 comes out near 0.1 here.)"""
+    model = randomize_(make("batchtopk"))
+    assert model.cfg.batchtopk_threshold_beta <= 0.99
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for step in range(650):  # 50 batches at 3x scale (an untrained start), then 600 at the final one
+            scale = 3.0 if step < 50 else 1.0
+            model(torch.randn(256, D, generator=gen) * 3.0 * scale)
+        model.eval()
+        l0 = model(torch.randn(4096, D, generator=gen) * 3.0).nonzero_per_token().float().mean().item()
+    assert abs(l0 - K) < 0.15 * K, l0
+
+
 # ---------------------------------------------------------------------------------- ReLU/L1
 def test_relu_l1_weights_codes_by_decoder_norms():
     model = randomize_(make("relu", l1_coefficient=2.0))
@@ -270,6 +286,17 @@ def test_jumprelu_code_and_threshold_gradient():
     assert model.W_enc.grad is None or model.W_enc.grad.abs().sum() == 0  # L0 trains thresholds only
     model.set_sparsity_scale(0.5)
     torch.testing.assert_close(model(x).losses["l0"], 0.5 * out.losses["l0"].detach())
+
+
+def test_jumprelu_default_threshold_is_the_l0_break_even_activation():
+    # A latent firing at c removes at most c^2 of squared error (unit decoder row) and costs l0_coefficient.
+    model = make("jumprelu", jumprelu_threshold=None, l0_coefficient=4.0)
+    torch.testing.assert_close(model.threshold, torch.full((N,), 2.0))
+    assert make("jumprelu", jumprelu_threshold=0.3, l0_coefficient=4.0).threshold[0].item() == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="threshold must be positive"):
+        make("jumprelu", jumprelu_threshold=None, l0_coefficient=0.0)
+    defaults = ModelConfig()
+    assert defaults.jumprelu_threshold is None and defaults.jumprelu_bandwidth >= 0.1  # normalized units
 
 
 def _sparse_data(n_tok, seed, d=D, n_feat=32):

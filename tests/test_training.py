@@ -57,6 +57,19 @@ def test_default_lr_and_schedules():
     assert base_lr(cfg) == pytest.approx(default_lr(cfg.model.n_latents))
 
 
+def test_param_groups_carry_the_model_lr_scales():
+    from saekit.autoencoders import build
+    from saekit.config import ModelConfig
+
+    model = build("jumprelu", 8, ModelConfig(kind="jumprelu", n_latents=16, jumprelu_threshold_lr_scale=10.0))
+    groups = trainer_module.param_groups(model)
+    scales = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert scales[id(model.log_threshold)] == 10.0 and scales[id(model.W_enc)] == 1.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    topk = build("topk", 8, ModelConfig(kind="topk", n_latents=16, k=2))
+    assert [g["lr_scale"] for g in trainer_module.param_groups(topk)] == [1.0]
+
+
 def test_input_scale_and_geometric_median():
     x = torch.randn(4000, 8) * 7 + 3
     s = input_scale(x)

@@ -16,12 +16,14 @@ one grown to the O(1) scale of normalized pre-activations move at the same relat
 only get gradient from pre-activations within eps/2 of them, so eps must not be tiny next to the
 spread of pre-activations near the threshold, or the thresholds barely move.
 
-Units: inputs are normalized to E||x||^2 = d, so pre-activations near a useful threshold are O(1)-O(10)
-(on MiniLM with 6144 data-initialized latents, a threshold of ~7.5 gives L0 ~ 40 at the start). Paper
-values such as theta = eps = 1e-3 are for another normalization and are far too small here. With Adam
-the log-threshold moves only ~lr per step (a factor of ~3 over a 600-step run at lr 2e-3), so in a
-short run the initial threshold largely sets the sparsity; by default it is sqrt(l0_coefficient), the
-activation at which firing pays for its L0 cost, so the coefficient matters from the first step.
+Units: inputs are normalized to E||x||^2 = d, so useful thresholds and the spread of pre-activations
+around them are O(1); paper values such as theta = eps = 1e-3 belong to another normalization and are
+far too small here (the thresholds then get almost no gradient). Adam moves the log-threshold by ~lr
+per step, a factor of ~3 over a 600-step run, while the encoder columns change ~sqrt(d) times faster
+relative to their size; so the thresholds get their own learning-rate multiplier
+(``jumprelu_threshold_lr_scale``, via ``lr_scales``), without which the encoder adapts around frozen
+thresholds and l0_coefficient barely matters. The initial threshold defaults to sqrt(l0_coefficient),
+the activation at which firing pays for its L0 cost.
 """
 from __future__ import annotations
 

@@ -271,7 +271,7 @@ class Trainer:
         middle = self.tokens + n_tokens / 2
         lr = self.base_lr * lr_factor(middle, cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # (checkpoints from before lr_scale lack it)
         model.set_sparsity_scale(sparsity_scale(middle, cfg))
         model.set_dead_mask(self.dead.dead_mask(self.dead_tokens))
 
