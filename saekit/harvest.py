@@ -117,6 +117,9 @@ class Harvester:
                 n_new = min(int(keep.sum()), cfg.max_tokens - rows)  # the writer trims the last batch
                 rows += n_new
                 bar.update(n_new)
+            else:  # the text ran out before max_tokens: end the bar at what was written
+                bar.total = rows
+                bar.refresh()
         finally:
             background.close()
             bar.close()
