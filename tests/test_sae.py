@@ -307,15 +307,6 @@ def _sparse_data(n_tok, seed, d=D, n_feat=32):
     return (active * (torch.rand(n_tok, n_feat, generator=g) * 2 + 1)) @ dirs
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: OpenMP threads cost more than they save, badly so on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_jumprelu_l0_falls_as_l0_coefficient_rises(one_thread):
     x, x_test = _sparse_data(4096, seed=1), _sparse_data(1024, seed=2)
     l0s = []
