@@ -6,6 +6,7 @@ therefore a resumed harvest) is deterministic.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import random
 import sysconfig
@@ -145,9 +146,14 @@ def stdlib_docstrings() -> Iterator[str]:
     across machines): any contiguous slice of the corpus, such as the held-out tail of a store, then
     samples the whole library instead of the alphabetically last modules (xml, zipfile, zoneinfo).
     """
+    yield from _shuffled_docstrings()
+
+
+@functools.lru_cache(maxsize=1)  # parsing the library takes seconds; the result is ~2 MB of text
+def _shuffled_docstrings() -> tuple[str, ...]:
     docs = [doc for path in stdlib_files() for doc in _file_docstrings(path)]
     random.Random(0).shuffle(docs)
-    yield from docs
+    return tuple(docs)
 
 
 def _file_docstrings(path: Path) -> list[str]:
