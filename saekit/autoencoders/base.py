@@ -63,11 +63,12 @@ class Output:
         return (self.values != 0).sum(-1)
 
     def fire_counts(self, n_latents: int) -> Tensor:
-        """[n] number of tokens in the batch on which each latent was nonzero."""
+        """[n] number of tokens in the batch on which each latent was nonzero. Scatter-add rather than
+        boolean indexing, which would force a host sync on CUDA (the trainer calls this every step)."""
         if self.code is not None:
             return (self.code != 0).sum(0)
-        idx = self.indices[self.values != 0]
-        return torch.bincount(idx.flatten(), minlength=n_latents)
+        counts = torch.zeros(n_latents, dtype=torch.long, device=self.values.device)
+        return counts.scatter_add_(0, self.indices.flatten().long(), (self.values != 0).flatten().long())
 
     def dense_code(self, n_latents: int) -> Tensor:
         if self.code is not None:

@@ -162,18 +162,6 @@ def density_histogram(fire_counts: Tensor, n_tokens: int, bins: int = 50,
     return hist.long(), edges, int((counts == 0).sum())
 
 
-def fire_counts(out, n_latents: int) -> Tensor:
-    """[n] number of tokens on which each latent was nonzero, for a dense or sparse ``Output``.
-
-    Same count as ``Output.fire_counts`` but without boolean indexing, which forces a host sync on
-    CUDA; the trainer calls this every step.
-    """
-    if out.code is not None:
-        return (out.code != 0).sum(0)
-    counts = torch.zeros(n_latents, dtype=torch.long, device=out.values.device)
-    return counts.scatter_add_(0, out.indices.flatten().long(), (out.values != 0).flatten().long())
-
-
 class Metrics:
     """All reconstruction and sparsity metrics of a model's outputs over a stream of batches."""
 
@@ -188,7 +176,7 @@ class Metrics:
     def update(self, x: Tensor, out) -> None:
         """``out`` is an autoencoder ``Output`` (dense ``code`` or sparse ``indices``/``values``)."""
         self.recon.update(x, out.x_hat)
-        self.firing.update(fire_counts(out, self.firing.n_latents), out.nonzero_per_token())
+        self.firing.update(out.fire_counts(self.firing.n_latents), out.nonzero_per_token())
 
     def compute(self) -> dict[str, float]:
         return {**self.recon.compute(), **self.firing.compute(), "tokens": self.n_tokens}

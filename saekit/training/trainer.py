@@ -24,7 +24,7 @@ from torch import Tensor
 
 from saekit.autoencoders import Autoencoder, build
 from saekit.config import ConfigError, TrainConfig, config_diff, resolve_device, to_dict
-from saekit.evaluation.metrics import FiringStats, Metrics, ReconstructionStats, fire_counts
+from saekit.evaluation.metrics import FiringStats, Metrics, ReconstructionStats
 from saekit.training import checkpoint, distributed
 from saekit.training.batches import BatchStream, open_store
 from saekit.training.data_stats import decoder_bias, input_scale
@@ -290,7 +290,7 @@ class Trainer:
             n = model.n_latents
             # One all-reduce per step carries fire counts, the L0 sum and an inf/nan flag, so every rank
             # holds the same dead tracker and stops together on a bad loss.
-            packed = torch.cat([fire_counts(out, n), out.nonzero_per_token().sum().long().view(1),
+            packed = torch.cat([out.fire_counts(n), out.nonzero_per_token().sum().long().view(1),
                                 (~torch.isfinite(loss.detach())).long().view(1)])
             distributed.all_reduce_sum(packed, self.dist)
             self.dead.update(packed[:n], n_tokens)
