@@ -78,11 +78,9 @@ class FeatureReport:
     # --- tokens -------------------------------------------------------------------------------------
     @cached_property
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        from saekit.evaluation.anomaly import store_tokenizer
 
-        from saekit.lm.loading import resolve_source
-
-        return AutoTokenizer.from_pretrained(resolve_source(self.reader.manifest["model"])[0])
+        return store_tokenizer(self.reader)
 
     def token_str(self, ids) -> list[str]:
         return [self._token_strings[int(i)] if int(i) in self._token_strings else self._decode(int(i))

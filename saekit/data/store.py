@@ -76,7 +76,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write to ``<path>.tmp``, fsync, rename over ``path``, fsync the directory (so the rename sticks)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -305,7 +305,7 @@ class StoreWriter:
         if n_seq:
             data = safetensors.torch.save(tensors, metadata={"format": "pt"})
             index = len(m["shards"])
-            _atomic_write(self.directory / shard_name(index), data)
+            atomic_write(self.directory / shard_name(index), data)
             m["shards"].append({
                 "file": shard_name(index), "n_rows": n_rows, "n_sequences": n_seq,
                 "first_sequence": m["n_sequences"], "first_row": m["n_rows"],
@@ -316,7 +316,7 @@ class StoreWriter:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        _atomic_write(self.directory / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
+        atomic_write(self.directory / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
 
     # ------------------------------------------------------------------------------------ resume
     @staticmethod

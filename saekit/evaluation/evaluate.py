@@ -51,10 +51,10 @@ def _read_json(path: Path):
 
 
 def write_json(path: Path, data) -> None:
-    """Atomic: a temporary file, then a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_plain(data), indent=2) + "\n")
-    tmp.replace(path)
+    """Atomic (the store's writer: temporary file, fsync, rename), NaN/inf as null."""
+    from saekit.data.store import atomic_write
+
+    atomic_write(path, (json.dumps(_plain(data), indent=2) + "\n").encode())
 
 
 def _plain(value):

@@ -21,13 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from saekit.data.store import atomic_write
+
 CHECKPOINT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=2).encode())
 
 
 def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
