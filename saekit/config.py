@@ -91,6 +91,9 @@ class ModelConfig:
     # at most 10M (Gao et al.'s value for long runs).
     dead_tokens: int | None = None
     fast_path: bool = True  # topk: sparse kernels (autoencoders/kernels.py); False = dense reference
+    # topk: tokens per chunk of pre-activations, so memory stays bounded at large widths (0: auto, at
+    # most 2^27 pre-activations at a time, see kernels.PRE_CHUNK_ELEMENTS).
+    chunk_tokens: int = 0
     # batchtopk: EMA decay of the inference threshold, per training step. 0.99 averages the last ~100
     # batches: enough to smooth a per-batch order statistic of k*B values, short enough to follow the
     # drifting activations of a run of a few hundred steps (0.999 still weighted the first, untrained

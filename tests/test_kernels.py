@@ -94,9 +94,10 @@ def test_topk_encode_forward_and_all_grads(with_cols):
             _close(a, b, name)
 
 
+@pytest.mark.parametrize("chunk", [0, 7])  # one block; chunks of 7 tokens, the last one short (48 = 6*7 + 6)
 @pytest.mark.parametrize("aux_path", ["dense", "sparse"])
 @pytest.mark.parametrize("n_dead", [0, 3, 30])  # none, fewer than auxk_k, more
-def test_fast_topk_sae_matches_naive(n_dead, aux_path, monkeypatch):
+def test_fast_topk_sae_matches_naive(n_dead, aux_path, chunk, monkeypatch):
     monkeypatch.setattr(kernels, "AUXK_DENSE_FACTOR", 10**6 if aux_path == "dense" else 0)
     auxk_k = 4
     x, p = _params(seed=1)
@@ -106,7 +107,7 @@ def test_fast_topk_sae_matches_naive(n_dead, aux_path, monkeypatch):
     for impl in (topk_sae_fast, topk_sae_naive):
         for t in p.values():
             t.grad = None
-        r = impl(x, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], K, dead, auxk_k)
+        r = impl(x, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], K, dead, auxk_k, chunk)
         x_hat = r.xhat_BD + p["b_dec"]
         loss = (x - x_hat).pow(2).sum(-1).mean()
         if n_dead:
@@ -118,6 +119,23 @@ def test_fast_topk_sae_matches_naive(n_dead, aux_path, monkeypatch):
         results.append(outs + [t.grad.clone() for t in p.values()])
     for a, b in zip(*results):
         _close(a, b, "forward output or gradient")
+
+
+def test_chunked_encoder_holds_one_chunk_of_pre_activations(monkeypatch):
+    """The memory bound: with a budget of 10 tokens' worth, the largest [rows, n] block of
+    pre-activations ever allocated (the reused CPU workspace) is 10 x n, not B x n, and the result is
+    the unchunked one."""
+    x, p = _params(seed=3, requires_grad=False)
+    cols = torch.tensor([1, 2, 50])
+    whole = topk_encode(x, p["b_dec"], p["W_enc"], p["b_enc"], K, cols)
+    monkeypatch.setattr(kernels, "PRE_CHUNK_ELEMENTS", 10 * N)
+    monkeypatch.setattr(kernels._workspace, "pre", None, raising=False)
+    assert kernels.chunk_rows(B, N) == 10
+    chunked = topk_encode(x, p["b_dec"], p["W_enc"], p["b_enc"], K, cols)
+    assert kernels._workspace.pre.numel() == 10 * N
+    assert torch.equal(whole[1], chunked[1])
+    for a, b in zip(whole, chunked):
+        _close(a.double(), b.double(), "chunked vs whole")
 
 
 def test_auxk_dense_and_sparse_paths_agree(monkeypatch):

@@ -53,8 +53,8 @@ def _pre_buffer(B: int, N: int, x_BD: Tensor, W_DN: Tensor) -> Tensor | None:
 
     A fresh 100 MB tensor (B 4096, n 6144) comes from mmap, and first touch page-faults every 4 KiB
     page: ~50 ms per step, as much as the whole sparse backward. CUDA's caching allocator already
-    reuses blocks. Safe because the pre-activations never leave ``_TopKEncode.forward``: what it
-    returns and saves are fresh tensors (top-k values and indices, index_select of a few columns).
+    reuses blocks. Safe because the pre-activations never leave ``_topk_block``: what it returns are
+    fresh tensors (top-k values and indices, index_select of a few columns).
     One buffer per thread, grown as needed and kept between steps."""
     if x_BD.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x_BD.dtype != W_DN.dtype:
         return None
@@ -149,23 +149,51 @@ def sparse_decode(idx_BK: Tensor, vals_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
         return _SparseDecode.apply(idx_BK, vals_BK, W_dec_ND)
 
 
-# ------------------------------------------------------------------------------- the sparse encoder
-class _TopKEncode(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k: int, cols_M: Tensor | None):
-        x_c_BD = x_BD - b_dec_D
-        out = _pre_buffer(x_BD.shape[0], W_enc_DN.shape[1], x_BD, W_enc_DN)
+# ------------------------------------------------------------------ chunked top-k pre-activations
+# The most pre-activations held at once: 2^27 (512 MiB in fp32, 256 MiB in bf16). The dense [B, n]
+# matrix at B 8192, n 65536 would be 2 GiB in fp32; chunks of 2048 tokens keep the GEMM as efficient
+# (each is still a [2048, d] x [d, 65536] product) and bound the memory whatever the width.
+PRE_CHUNK_ELEMENTS = 1 << 27
+
+
+def chunk_rows(B: int, N: int, chunk: int = 0) -> int:
+    """Tokens per chunk: ``chunk`` if set, else as many as keep a chunk under PRE_CHUNK_ELEMENTS."""
+    return max(1, min(B, chunk if chunk > 0 else PRE_CHUNK_ELEMENTS // N))
+
+
+def topk_chunked(x_c_BD: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int, cols_M: Tensor,
+                 chunk: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(idx_BK, vals_BK, pre_BM) of pre = x_c @ W_enc + b_enc, never holding more than one chunk of
+    [rows, n] pre-activations; pre_BM are the columns ``cols_M`` (AuxK's dead latents). No autograd:
+    ``topk_encode`` wraps this with the sparse backward."""
+    B, N = x_c_BD.shape[0], W_enc_DN.shape[1]
+    rows = chunk_rows(B, N, chunk)
+    if rows >= B:
+        return _topk_block(x_c_BD, W_enc_DN, b_enc_N, k, cols_M)
+    parts = [_topk_block(x_c_BD[s:s + rows], W_enc_DN, b_enc_N, k, cols_M) for s in range(0, B, rows)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _topk_block(x_c_BD: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int, cols_M: Tensor):
+    with torch.no_grad():
+        out = _pre_buffer(x_c_BD.shape[0], W_enc_DN.shape[1], x_c_BD, W_enc_DN)
         if out is None:
             pre_BN = torch.addmm(b_enc_N, x_c_BD, W_enc_DN)  # autocast may make this bf16
         else:
             pre_BN = torch.addmm(b_enc_N, x_c_BD, W_enc_DN, out=out)
         idx_BK, vals_BK = select_topk(pre_BN, k)
-        vals_BK = vals_BK.to(W_enc_DN.dtype)
+        pre_BM = pre_BN.index_select(1, cols_M).to(W_enc_DN.dtype)  # fresh: the buffer is reused
+        return idx_BK, vals_BK.to(W_enc_DN.dtype), pre_BM
+
+
+# ------------------------------------------------------------------------------- the sparse encoder
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k: int, cols_M: Tensor | None, chunk: int):
+        x_c_BD = x_BD - b_dec_D
         if cols_M is None:
-            pre_BM = x_BD.new_zeros(x_BD.shape[0], 0)
             cols_M = torch.zeros(0, dtype=torch.long, device=x_BD.device)
-        else:
-            pre_BM = pre_BN.index_select(1, cols_M).to(W_enc_DN.dtype)
+        idx_BK, vals_BK, pre_BM = topk_chunked(x_c_BD, W_enc_DN, b_enc_N, k, cols_M, chunk)
         ctx.save_for_backward(x_c_BD, W_enc_DN, idx_BK, vals_BK, cols_M)
         ctx.device_type = x_BD.device.type
         ctx.mark_non_differentiable(idx_BK)
@@ -202,15 +230,16 @@ class _TopKEncode(torch.autograd.Function):
         # pre = (x - b_dec) @ W_enc + b_enc, so d pre / d b_dec = -W_enc: summed over the batch that
         # is -W_enc @ (the b_enc gradient), whatever mix of selections produced it.
         g_b_dec_D = -(W_enc_DN @ g_b_enc_N) if ctx.needs_input_grad[1] else None
-        return g_x_BD, g_b_dec_D, g_W_enc_ND.T, g_b_enc_N, None, None
+        return g_x_BD, g_b_dec_D, g_W_enc_ND.T, g_b_enc_N, None, None, None
 
 
 def topk_encode(x_BD: Tensor, b_dec_D: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int,
-                cols_M: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                cols_M: Tensor | None = None, chunk: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k of pre = (x - b_dec) @ W_enc + b_enc, ReLU'd. Returns (vals_BK, idx_BK, pre_BM) where
     pre_BM holds the dense pre-activations of columns ``cols_M`` (for AuxK; [B, 0] if None).
-    Gradients flow to x, b_dec, W_enc, b_enc through the selected entries and pre_BM only."""
-    return _TopKEncode.apply(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, cols_M)
+    Gradients flow to x, b_dec, W_enc, b_enc through the selected entries and pre_BM only.
+    The pre-activations are computed ``chunk`` tokens at a time (0: ``chunk_rows``'s default)."""
+    return _TopKEncode.apply(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, cols_M, chunk)
 
 
 def auxk_decode(pre_BM: Tensor, dead_M: Tensor, auxk_k: int, W_dec_ND: Tensor) -> Tensor:
@@ -237,19 +266,22 @@ class TopKResult(NamedTuple):
 
 
 def topk_sae_fast(x_BD, b_dec_D, W_enc_DN, b_enc_N, W_dec_ND, k: int, dead_M: Tensor | None,
-                  auxk_k: int) -> TopKResult:
-    """Sparse kernels throughout; ``dead_M`` holds the ids of dead latents (or None)."""
+                  auxk_k: int, chunk: int = 0) -> TopKResult:
+    """Sparse kernels throughout; ``dead_M`` holds the ids of dead latents (or None); ``chunk``: tokens
+    per pre-activation chunk (0: auto)."""
     use_aux = dead_M is not None and dead_M.numel() > 0
-    vals_BK, idx_BK, pre_BM = topk_encode(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, dead_M if use_aux else None)
+    vals_BK, idx_BK, pre_BM = topk_encode(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, dead_M if use_aux else None,
+                                          chunk)
     xhat_BD = sparse_decode(idx_BK, vals_BK, W_dec_ND)
     ehat_BD = auxk_decode(pre_BM, dead_M, auxk_k, W_dec_ND) if use_aux else None
     return TopKResult(xhat_BD, idx_BK, vals_BK, ehat_BD)
 
 
 def topk_sae_naive(x_BD, b_dec_D, W_enc_DN, b_enc_N, W_dec_ND, k: int, dead_M: Tensor | None,
-                   auxk_k: int) -> TopKResult:
+                   auxk_k: int, chunk: int = 0) -> TopKResult:
     """The reference: dense [B, n] codes, dense decoder GEMMs, autograd's dense backward, and AuxK as
-    in Gao et al.'s code (live latents masked to -inf over all n, dense aux code)."""
+    in Gao et al.'s code (live latents masked to -inf over all n, dense aux code). ``chunk`` is unused:
+    the reference holds all [B, n] pre-activations."""
     pre_BN = torch.addmm(b_enc_N, x_BD - b_dec_D, W_enc_DN)
     idx_BK, vals_BK = select_topk(pre_BN, k)
     code_BN = torch.zeros_like(pre_BN).scatter(1, idx_BK, vals_BK)

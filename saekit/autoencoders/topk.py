@@ -10,18 +10,22 @@ from __future__ import annotations
 from torch import Tensor
 
 from saekit.autoencoders.base import Output, register
-from saekit.autoencoders.kernels import select_topk, sparse_decode, topk_sae_fast, topk_sae_naive
+from saekit.autoencoders.kernels import sparse_decode, topk_encode, topk_sae_fast, topk_sae_naive
 from saekit.autoencoders.sae import (SparseAutoencoder, auxk_loss, mse, normalize_rows_,
                                      remove_parallel_grad_)
 
 
 @register("topk")
 class TopKSAE(SparseAutoencoder):
-    """Config: n_latents, k, auxk_k (default d_in // 2), auxk_alpha, fast_path."""
+    """Config: n_latents, k, auxk_k (default d_in // 2), auxk_alpha, fast_path, chunk_tokens."""
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Raw x [B, d] -> (indices [B, k], values [B, k]), indices ascending within each row."""
-        return select_topk(self.pre_acts(self.scale_in(x)), self.cfg.k)
+        """Raw x [B, d] -> (indices [B, k], values [B, k]), indices ascending within each row. The
+        pre-activations are computed in chunks (never all [B, n] at once), and gradients flow through
+        the sparse backward."""
+        vals_BK, idx_BK, _ = topk_encode(self.scale_in(x), self.b_dec, self.W_enc, self.b_enc, self.cfg.k,
+                                         chunk=self.cfg.chunk_tokens)
+        return idx_BK, vals_BK
 
     def encode(self, x: Tensor) -> Tensor:
         idx_BK, vals_BK = self.encode_sparse(x)
@@ -34,7 +38,7 @@ class TopKSAE(SparseAutoencoder):
         x_n_BD = self.scale_in(x)
         step = topk_sae_fast if self.cfg.fast_path else topk_sae_naive
         r = step(x_n_BD, self.b_dec, self.W_enc, self.b_enc, self.W_dec, self.cfg.k, self.dead_ids(),
-                 self.auxk_k)
+                 self.auxk_k, self.cfg.chunk_tokens)
         x_hat_n_BD = r.xhat_BD + self.b_dec
         losses = {"mse": mse(x_n_BD, x_hat_n_BD),
                   "auxk": auxk_loss(x_n_BD - x_hat_n_BD.detach(), r.ehat_BD, self.cfg.auxk_alpha)}
