@@ -94,6 +94,9 @@ class ModelConfig:
     # topk: tokens per chunk of pre-activations, so memory stays bounded at large widths (0: auto, at
     # most 2^27 pre-activations at a time, see kernels.PRE_CHUNK_ELEMENTS).
     chunk_tokens: int = 0
+    # topk fast path: where its sparse products run, "torch" (library calls) or "triton" (optional
+    # package; one kernel per product, CUDA, see autoencoders/triton_kernels.py).
+    sparse_kernels: str = "torch"
     # batchtopk: EMA decay of the inference threshold, per training step. 0.99 averages the last ~100
     # batches: enough to smooth a per-batch order statistic of k*B values, short enough to follow the
     # drifting activations of a run of a few hundred steps (0.999 still weighted the first, untrained

@@ -2,10 +2,12 @@
 
     python scripts/gpu_check.py                 # on the device machine (about 3-4 minutes on an H100)
 
-1. Correctness: the fast TopK SAE (sparse kernels) on CUDA against the naive dense path computed on the
-   CPU in float64, same weights and data: forward outputs and every gradient.
+1. Correctness: the fast TopK SAE on CUDA, with the torch and the triton backend of its sparse
+   products and with chunked pre-activations, against the naive dense path computed on the CPU in
+   float64, same weights and data: forward outputs and every gradient.
 2. Throughput: `scripts/bench_train.py --device cuda` at the GPT-2-small and Gemma-2-2B shapes (fp32/tf32
-   and bf16 autocast), then `scripts/bench_harvest.py --gpt2-shape` on the GPU.
+   with the naive step, then bf16 autocast with the triton backend and torch.compile beside it, each
+   with its peak memory), then `scripts/bench_harvest.py --gpt2-shape` on the GPU.
 Prints one short table; each benchmark keeps its own `ratio X (goal >= Y)` line.
 """
 from __future__ import annotations
@@ -36,20 +38,23 @@ def correctness(device="cuda", B=1024, d=256, n=4096, k=32, auxk_k=128, dead_fra
                   W_dec=torch.randn(n, d, generator=g, dtype=torch.float64) / d ** 0.5)
     dead = torch.randperm(n, generator=g)[: int(dead_frac * n)].sort().values
 
-    def run(fn, device, dtype):
+    def run(fn, device, dtype, backend="torch", chunk=0):
         p = {name: t.detach().to(device, dtype, copy=True).requires_grad_() for name, t in params.items()}
         xs = x.to(device, dtype)
-        r = fn(xs, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], k, dead.to(device), auxk_k)
+        r = fn(xs, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], k, dead.to(device), auxk_k, chunk, backend)
         _loss(r, xs).backward()
         out = {"xhat": r.xhat_BD, "ehat": r.ehat_BD, **{f"grad {n_}": t.grad for n_, t in p.items()}}
         return {name: t.detach().double().cpu() for name, t in out.items()}
 
     ref = run(topk_sae_naive, "cpu", torch.float64)
-    fast = run(topk_sae_fast, device, torch.float32)
     lines = []
-    for name, want in ref.items():
-        err = (fast[name] - want).norm() / want.norm().clamp(min=1e-30)
-        lines.append(f"  {name:<12} relative error {err:.2e} {'ok' if err < 1e-4 else 'FAIL'}")
+    for backend, chunk in (("torch", 0), ("triton", 0), ("torch", 100)):
+        fast = run(topk_sae_fast, device, torch.float32, backend, chunk)
+        errs = {name: ((fast[name] - want).norm() / want.norm().clamp(min=1e-30)).item()
+                for name, want in ref.items()}
+        worst = max(errs, key=errs.get)
+        lines.append(f"  {backend:<7} chunk {chunk:<4} worst relative error {errs[worst]:.2e} ({worst}) "
+                     f"{'ok' if errs[worst] < 1e-4 else 'FAIL'}")
     return lines
 
 
@@ -67,10 +72,10 @@ def main():
     shapes = [("gpt2-small", ["--d", "768", "--n", "24576", "--k", "32", "--batch", "4096"]),
               ("gemma-2-2b", ["--d", "2304", "--n", "65536", "--k", "64", "--batch", "8192"])]
     for name, shape in shapes:
-        for dtype in ("fp32", "bf16"):
+        for dtype, extra in (("fp32", []), ("bf16", ["--triton", "--compile"])):
             print(f"\n== bench_train {name} {dtype}")
             print(bench(["scripts/bench_train.py", "--device", "cuda", "--dtype", dtype, "--steps", "20",
-                         "--warmup", "3", *shape]))
+                         "--warmup", "3", *extra, *shape]))
     print("\n== bench_harvest GPT-2-small shape, bf16, ctx 1024, layer 8")
     print(bench(["scripts/bench_harvest.py", "--gpt2-shape", "--device", "cuda", "--model-dtype", "bfloat16",
                  "--ctx", "1024", "--batch", "32", "--hook", "blocks.8.hook_resid_post",

@@ -5,6 +5,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton kernels compile for GPUs only; its interpreter runs the same kernel code on CPU tensors,
+    # so the tests check them here too. Read when triton is first imported, hence set this early.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 

@@ -175,3 +175,19 @@ def test_rbm_gibbs_samples_approach_the_data_moments(tmp_path):
     before = rbm_moment_check(untrained, data, n_samples=800, steps=100)
     assert res["cov_error"] < res["cov_error_start"] and res["cov_error"] < 0.75 * before["cov_error"]
     assert res["mean_error"] < 0.25
+
+
+def test_fast_path_reaches_the_naive_heldout_fvu_on_minilm(minilm_run, tmp_path):
+    """Issue 6's quality bar at CI size: the sparse-kernel TopK and the dense reference, trained alike
+    on real MiniLM activations, reach held-out FVUs within 1% of each other (the full-size check on the
+    built-in store is in the closing note: 0.09829 vs 0.09833)."""
+    cfg = json.loads((minilm_run / "config.json").read_text())
+    naive = train(TrainConfig(out=str(tmp_path / "naive"), total_tokens=cfg["total_tokens"], progress=False,
+                              lr=cfg["lr"], data=DataConfig(**cfg["data"]),
+                              model=ModelConfig(**{**cfg["model"], "fast_path": False})))
+    fvu = {}
+    for name, run in (("fast", minilm_run), ("naive", naive)):
+        result = evaluate_run(EvalConfig(run=str(run), downstream=False, out=str(tmp_path / f"{name}.json")))
+        fvu[name] = result["reconstruction"]["fvu"]
+    assert 0 < fvu["fast"] < 0.8  # it learned something: the mean alone gives 1
+    assert abs(fvu["fast"] - fvu["naive"]) / fvu["naive"] < 0.01, fvu

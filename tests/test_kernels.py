@@ -166,3 +166,75 @@ def test_decode_matches_embedding_bag_fp32():
     W = torch.randn(N, D)
     torch.testing.assert_close(sparse_decode(idx, vals, W), F.embedding_bag(idx, W, per_sample_weights=vals,
                                                                             mode="sum"))
+
+
+# --- the triton backend (interpreted on CPU: tests/conftest.py sets TRITON_INTERPRET) --------------
+triton_kernels = pytest.importorskip("saekit.autoencoders.triton_kernels")
+needs_triton = pytest.mark.skipif(not triton_kernels.available(), reason="triton is not installed")
+
+
+@needs_triton
+def test_triton_products_equal_torch_backend():
+    """Each kernel against the torch backend, fp32, with widths that are not block multiples
+    (d 150 > BLOCK_D, k 6 < BLOCK_K) and a latent chosen by many tokens (long CSR rows)."""
+    g = torch.Generator().manual_seed(4)
+    b, d, n, k = 40, 150, 90, 6
+    pre = torch.randn(b, n, generator=g)
+    pre[:, 7] += 10  # every token selects latent 7: one CSR row of 40 entries
+    idx, vals = select_topk(pre, k)
+    W, dense = torch.randn(n, d, generator=g), torch.randn(b, d, generator=g)
+    lm = LatentMajor(idx, n)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(triton_kernels.decode(idx, vals, W), F.embedding_bag(
+        idx, W, per_sample_weights=vals, mode="sum"), **tol)
+    torch.testing.assert_close(triton_kernels.gather_dots(idx, dense, W), (dense @ W.T).gather(1, idx), **tol)
+    dense_grad = torch.zeros(b, n).scatter(1, idx, vals).T @ dense
+    torch.testing.assert_close(lm.matmul(vals, dense, "triton"), dense_grad, **tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("n_dead", [0, 30])
+def test_fast_topk_sae_triton_backend_matches_naive(n_dead, monkeypatch):
+    """The whole fast step with every sparse product in Triton: outputs and all gradients equal the
+    dense reference (fp32 accumulation inside the kernels, hence the fp32-level tolerance)."""
+    monkeypatch.setattr(kernels, "AUXK_DENSE_FACTOR", 0)  # the aux decode goes through the kernels too
+    x, p = _params(seed=5)
+    x.requires_grad_(True)
+    dead = torch.randperm(N, generator=torch.Generator().manual_seed(6))[:n_dead].sort().values
+    results = []
+    for impl in ("triton", "naive"):
+        for t in [x, *p.values()]:
+            t.grad = None
+        fn = topk_sae_naive if impl == "naive" else topk_sae_fast
+        r = fn(x, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], K, dead, 4, 7, impl)
+        loss = (x - r.xhat_BD - p["b_dec"]).pow(2).sum() + (r.ehat_BD.pow(2).sum() if n_dead else 0)
+        loss.backward()
+        outs = [r.xhat_BD] + ([r.ehat_BD] if n_dead else [])
+        results.append(outs + [t.grad.clone() for t in (x, *p.values())])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_or_missing_backend_is_a_clear_error():
+    from saekit.autoencoders import build
+    from saekit.config import ModelConfig
+
+    with pytest.raises(ValueError, match="valid: torch, triton"):
+        build("topk", D, ModelConfig(kind="topk", n_latents=N, k=K, sparse_kernels="cuda"))
+
+
+def test_triton_backend_falls_back_to_torch_off_cuda(monkeypatch):
+    """A model trained with sparse_kernels: triton on a GPU must still encode on a CPU box."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kernels.resolve_backend("triton", torch.device("cpu")) == "torch"
+    assert kernels.resolve_backend("triton", torch.device("cuda")) == "triton"
+    assert kernels.resolve_backend("torch", torch.device("cuda")) == "torch"
+
+
+def test_workspace_made_in_inference_mode_is_replaced_outside_it(monkeypatch):
+    x, p = _params(seed=7, requires_grad=False)
+    monkeypatch.setattr(kernels._workspace, "pre", None, raising=False)  # made fresh, inside
+    with torch.inference_mode():
+        inside = topk_encode(x, p["b_dec"], p["W_enc"], p["b_enc"], K)
+    outside = topk_encode(x, p["b_dec"], p["W_enc"], p["b_enc"], K)  # raised before the fix
+    assert torch.equal(inside[1], outside[1])

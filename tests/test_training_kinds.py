@@ -64,3 +64,25 @@ def test_kind_trains_saves_and_resumes(tmp_path, kind, monkeypatch):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("variant", ["compile", "triton"])
+def test_topk_trains_alike_compiled_and_on_triton_kernels(tmp_path, variant):
+    """The trainer's optional torch.compile, and the triton backend of the sparse products (interpreted
+    on CPU), train the TopK SAE to the same weights as the eager torch backend, AuxK included (a short
+    dead window marks latents dead within the run)."""
+    if variant == "triton":
+        pytest.importorskip("triton")
+    runs = {}
+    for name in ("eager", variant):
+        cfg, _ = config(tmp_path / name, "topk")
+        cfg.checkpoint_every_tokens, cfg.model.dead_tokens, cfg.model.n_latents = 0, 128, 256
+        if name == "compile":
+            cfg.compile = True
+        if name == "triton":
+            cfg.model.sparse_kernels = "triton"
+        out = train(cfg, data=tc.SyntheticBatches(batch=64))
+        assert json.loads((out / "metrics.json").read_text())["loss/auxk"] > 0  # AuxK ran
+        runs[name] = load_file(str(out / "model" / "model.safetensors"))
+    for key, want in runs["eager"].items():
+        torch.testing.assert_close(runs[variant][key], want, rtol=1e-4, atol=1e-5, msg=key)

@@ -31,6 +31,7 @@ GEMM 137 ms; ``index_add_`` of materialized [B*k, d] rows 85 ms; ``x.T @ G`` wit
 """
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from typing import NamedTuple
@@ -38,6 +39,24 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# Where the three sparse products run: "torch" (library calls, every device) or "triton" (one kernel
+# each, triton_kernels.py, imported only when asked for). ModelConfig.sparse_kernels picks; every
+# function below takes ``backend``.
+BACKENDS = ("torch", "triton")
+
+
+def _triton():
+    from saekit.autoencoders import triton_kernels
+    return triton_kernels
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to use on ``device``: triton runs on CUDA (or in Triton's interpreter when
+    TRITON_INTERPRET=1), so a model trained with it still encodes on a CPU, through torch."""
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "torch"
+    return backend
 
 # AuxK decodes densely over the dead subset while n_dead <= AUXK_DENSE_FACTOR * auxk_k, sparsely beyond.
 # Full TopK steps on the 2-core CPU (1 thread; B 4096, d 384, n 6144, k 32, auxk_k 192), dense vs
@@ -59,7 +78,9 @@ def _pre_buffer(B: int, N: int, x_BD: Tensor, W_DN: Tensor) -> Tensor | None:
     if x_BD.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x_BD.dtype != W_DN.dtype:
         return None
     buf = getattr(_workspace, "pre", None)
-    if buf is None or buf.numel() < B * N or buf.dtype != x_BD.dtype:
+    # (A buffer made under inference_mode, e.g. by the analysis pass, cannot be written outside it.)
+    stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+    if buf is None or stale or buf.numel() < B * N or buf.dtype != x_BD.dtype:
         buf = _workspace.pre = torch.empty(B * N, dtype=x_BD.dtype)
     return buf[: B * N].view(B, N)
 
@@ -103,29 +124,36 @@ class LatentMajor:
         torch.cumsum(counts, 0, out=self.crow[1:])
         self.shape = (n, B)
 
-    def matmul(self, values_BK: Tensor, dense_BD: Tensor) -> Tensor:
+    def matmul(self, values_BK: Tensor, dense_BD: Tensor, backend: str = "torch") -> Tensor:
         """[n, d]: row j = sum over tokens b that selected j of values[b, j'] * dense[b]."""
+        if backend == "triton":
+            return _triton().csr_rows(self.crow, self.tokens, values_BK.reshape(-1)[self.order], dense_BD)
         S_NB = _csr(self.crow, self.tokens, values_BK.reshape(-1)[self.order], self.shape)
         return torch.sparse.mm(S_NB, dense_BD)
 
 
-def gather_dots(idx_BK: Tensor, g_BD: Tensor, W_ND: Tensor) -> Tensor:
+def gather_dots(idx_BK: Tensor, g_BD: Tensor, W_ND: Tensor, backend: str = "torch") -> Tensor:
     """[B, k]: out[b, j] = g[b] . W[idx[b, j]], i.e. (g @ W.T) sampled at the pattern (an SDDMM)."""
+    if backend == "triton":
+        return _triton().gather_dots(idx_BK, g_BD, W_ND)
     pattern = _token_major(idx_BK, g_BD.new_zeros(idx_BK.numel()), W_ND.shape[0])
     out = torch.sparse.sampled_addmm(pattern, g_BD, W_ND.T, beta=0.0)
     return out.values().view(idx_BK.shape)
 
 
-def _decode(idx_BK: Tensor, vals_BK: Tensor, W_ND: Tensor) -> Tensor:
+def _decode(idx_BK: Tensor, vals_BK: Tensor, W_ND: Tensor, backend: str = "torch") -> Tensor:
+    if backend == "triton":
+        return _triton().decode(idx_BK, vals_BK.to(W_ND.dtype), W_ND)
     return F.embedding_bag(idx_BK, W_ND, per_sample_weights=vals_BK.to(W_ND.dtype), mode="sum")
 
 
 # ------------------------------------------------------------------------------- the sparse decoder
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, idx_BK: Tensor, vals_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
+    def forward(ctx, idx_BK: Tensor, vals_BK: Tensor, W_dec_ND: Tensor, backend: str) -> Tensor:
         ctx.save_for_backward(idx_BK, vals_BK, W_dec_ND)
-        return _decode(idx_BK, vals_BK, W_dec_ND)
+        ctx.backend = backend
+        return _decode(idx_BK, vals_BK, W_dec_ND, backend)
 
     @staticmethod
     def backward(ctx, g_BD: Tensor):
@@ -136,17 +164,19 @@ class _SparseDecode(torch.autograd.Function):
     def _backward(ctx, g_BD: Tensor):
         idx_BK, vals_BK, W_dec_ND = ctx.saved_tensors
         g_BD = g_BD.to(W_dec_ND.dtype).contiguous()
-        g_vals = gather_dots(idx_BK, g_BD, W_dec_ND).to(vals_BK.dtype) if ctx.needs_input_grad[1] else None
+        g_vals = None
+        if ctx.needs_input_grad[1]:
+            g_vals = gather_dots(idx_BK, g_BD, W_dec_ND, ctx.backend).to(vals_BK.dtype)
         g_W = None
         if ctx.needs_input_grad[2]:
-            g_W = LatentMajor(idx_BK, W_dec_ND.shape[0]).matmul(vals_BK.to(g_BD.dtype), g_BD)
-        return None, g_vals, g_W
+            g_W = LatentMajor(idx_BK, W_dec_ND.shape[0]).matmul(vals_BK.to(g_BD.dtype), g_BD, ctx.backend)
+        return None, g_vals, g_W, None
 
 
-def sparse_decode(idx_BK: Tensor, vals_BK: Tensor, W_dec_ND: Tensor) -> Tensor:
+def sparse_decode(idx_BK: Tensor, vals_BK: Tensor, W_dec_ND: Tensor, backend: str = "torch") -> Tensor:
     """[B, d] = sum_j vals[b, j] * W_dec[idx[b, j]] (no bias), with an O(B·k·d) backward."""
     with torch.autocast(idx_BK.device.type, enabled=False):
-        return _SparseDecode.apply(idx_BK, vals_BK, W_dec_ND)
+        return _SparseDecode.apply(idx_BK, vals_BK, W_dec_ND, backend)
 
 
 # ------------------------------------------------------------------ chunked top-k pre-activations
@@ -189,13 +219,14 @@ def _topk_block(x_c_BD: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int, cols_
 # ------------------------------------------------------------------------------- the sparse encoder
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k: int, cols_M: Tensor | None, chunk: int):
+    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k: int, cols_M: Tensor | None, chunk: int,
+                backend: str):
         x_c_BD = x_BD - b_dec_D
         if cols_M is None:
             cols_M = torch.zeros(0, dtype=torch.long, device=x_BD.device)
         idx_BK, vals_BK, pre_BM = topk_chunked(x_c_BD, W_enc_DN, b_enc_N, k, cols_M, chunk)
         ctx.save_for_backward(x_c_BD, W_enc_DN, idx_BK, vals_BK, cols_M)
-        ctx.device_type = x_BD.device.type
+        ctx.device_type, ctx.backend = x_BD.device.type, backend
         ctx.mark_non_differentiable(idx_BK)
         ctx.set_materialize_grads(False)
         return vals_BK, idx_BK, pre_BM
@@ -213,11 +244,11 @@ class _TopKEncode(torch.autograd.Function):
         g_x_BD = x_c_BD.new_zeros(x_c_BD.shape, dtype=dtype) if ctx.needs_input_grad[0] else None
         if g_vals_BK is not None:
             g_BK = torch.where(vals_BK > 0, g_vals_BK.to(dtype), 0.0)  # ReLU after the top-k
-            g_W_enc_ND = LatentMajor(idx_BK, N).matmul(g_BK, x_c_BD)
+            g_W_enc_ND = LatentMajor(idx_BK, N).matmul(g_BK, x_c_BD, ctx.backend)
             g_b_enc_N = torch.zeros(N, dtype=dtype, device=g_BK.device).index_add_(
                 0, idx_BK.reshape(-1), g_BK.reshape(-1))
             if g_x_BD is not None:
-                g_x_BD += _decode(idx_BK, g_BK, W_enc_DN.T.contiguous())
+                g_x_BD += _decode(idx_BK, g_BK, W_enc_DN.T.contiguous(), ctx.backend)
         else:
             g_W_enc_ND = x_c_BD.new_zeros(N, D, dtype=dtype)
             g_b_enc_N = x_c_BD.new_zeros(N, dtype=dtype)
@@ -230,19 +261,20 @@ class _TopKEncode(torch.autograd.Function):
         # pre = (x - b_dec) @ W_enc + b_enc, so d pre / d b_dec = -W_enc: summed over the batch that
         # is -W_enc @ (the b_enc gradient), whatever mix of selections produced it.
         g_b_dec_D = -(W_enc_DN @ g_b_enc_N) if ctx.needs_input_grad[1] else None
-        return g_x_BD, g_b_dec_D, g_W_enc_ND.T, g_b_enc_N, None, None, None
+        return g_x_BD, g_b_dec_D, g_W_enc_ND.T, g_b_enc_N, None, None, None, None
 
 
 def topk_encode(x_BD: Tensor, b_dec_D: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int,
-                cols_M: Tensor | None = None, chunk: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                cols_M: Tensor | None = None, chunk: int = 0, backend: str = "torch"
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k of pre = (x - b_dec) @ W_enc + b_enc, ReLU'd. Returns (vals_BK, idx_BK, pre_BM) where
     pre_BM holds the dense pre-activations of columns ``cols_M`` (for AuxK; [B, 0] if None).
     Gradients flow to x, b_dec, W_enc, b_enc through the selected entries and pre_BM only.
     The pre-activations are computed ``chunk`` tokens at a time (0: ``chunk_rows``'s default)."""
-    return _TopKEncode.apply(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, cols_M, chunk)
+    return _TopKEncode.apply(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, cols_M, chunk, backend)
 
 
-def auxk_decode(pre_BM: Tensor, dead_M: Tensor, auxk_k: int, W_dec_ND: Tensor) -> Tensor:
+def auxk_decode(pre_BM: Tensor, dead_M: Tensor, auxk_k: int, W_dec_ND: Tensor, backend: str = "torch") -> Tensor:
     """AuxK's reconstruction (no decoder bias) from the top auxk_k of the dead latents' pre-activations.
 
     pre_BM holds the pre-activations of the dead latents ``dead_M`` only, so the top-k is taken among
@@ -254,7 +286,7 @@ def auxk_decode(pre_BM: Tensor, dead_M: Tensor, auxk_k: int, W_dec_ND: Tensor) -
         code_BM = torch.zeros_like(pre_BM).scatter(1, loc_BA, vals_BA)
         return code_BM @ W_dec_ND.index_select(0, dead_M)
     idx_BA, order = dead_M[loc_BA].sort(dim=-1)
-    return sparse_decode(idx_BA, vals_BA.gather(-1, order), W_dec_ND)
+    return sparse_decode(idx_BA, vals_BA.gather(-1, order), W_dec_ND, backend)
 
 
 # ------------------------------------------------------------------------ fast and naive TopK SAEs
@@ -266,22 +298,22 @@ class TopKResult(NamedTuple):
 
 
 def topk_sae_fast(x_BD, b_dec_D, W_enc_DN, b_enc_N, W_dec_ND, k: int, dead_M: Tensor | None,
-                  auxk_k: int, chunk: int = 0) -> TopKResult:
+                  auxk_k: int, chunk: int = 0, backend: str = "torch") -> TopKResult:
     """Sparse kernels throughout; ``dead_M`` holds the ids of dead latents (or None); ``chunk``: tokens
-    per pre-activation chunk (0: auto)."""
+    per pre-activation chunk (0: auto); ``backend``: one of BACKENDS."""
     use_aux = dead_M is not None and dead_M.numel() > 0
     vals_BK, idx_BK, pre_BM = topk_encode(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, dead_M if use_aux else None,
-                                          chunk)
-    xhat_BD = sparse_decode(idx_BK, vals_BK, W_dec_ND)
-    ehat_BD = auxk_decode(pre_BM, dead_M, auxk_k, W_dec_ND) if use_aux else None
+                                          chunk, backend)
+    xhat_BD = sparse_decode(idx_BK, vals_BK, W_dec_ND, backend)
+    ehat_BD = auxk_decode(pre_BM, dead_M, auxk_k, W_dec_ND, backend) if use_aux else None
     return TopKResult(xhat_BD, idx_BK, vals_BK, ehat_BD)
 
 
 def topk_sae_naive(x_BD, b_dec_D, W_enc_DN, b_enc_N, W_dec_ND, k: int, dead_M: Tensor | None,
-                   auxk_k: int, chunk: int = 0) -> TopKResult:
+                   auxk_k: int, chunk: int = 0, backend: str = "torch") -> TopKResult:
     """The reference: dense [B, n] codes, dense decoder GEMMs, autograd's dense backward, and AuxK as
-    in Gao et al.'s code (live latents masked to -inf over all n, dense aux code). ``chunk`` is unused:
-    the reference holds all [B, n] pre-activations."""
+    in Gao et al.'s code (live latents masked to -inf over all n, dense aux code). ``chunk`` and
+    ``backend`` are unused: the reference holds all [B, n] pre-activations and uses dense products."""
     pre_BN = torch.addmm(b_enc_N, x_BD - b_dec_D, W_enc_DN)
     idx_BK, vals_BK = select_topk(pre_BN, k)
     code_BN = torch.zeros_like(pre_BN).scatter(1, idx_BK, vals_BK)
