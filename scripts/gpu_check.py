@@ -7,7 +7,8 @@
    float64, same weights and data: forward outputs and every gradient.
 2. Throughput: `scripts/bench_train.py --device cuda` at the GPT-2-small and Gemma-2-2B shapes (fp32/tf32
    with the naive step, then bf16 autocast with the triton backend and torch.compile beside it, each
-   with its peak memory), then `scripts/bench_harvest.py --gpt2-shape` on the GPU.
+   with its peak memory), the CUDA tests, the loader into GPU memory, then
+   `scripts/bench_harvest.py --gpt2-shape` on the GPU.
 Prints one short table; each benchmark keeps its own `ratio X (goal >= Y)` line.
 """
 from __future__ import annotations
@@ -76,6 +77,11 @@ def main():
             print(f"\n== bench_train {name} {dtype}")
             print(bench(["scripts/bench_train.py", "--device", "cuda", "--dtype", dtype, "--steps", "20",
                          "--warmup", "3", *extra, *shape]))
+    print("\n== the CUDA tests (skipped in CI): loader on the GPU vs the CPU loader, ...")
+    print(bench(["-m", "pytest", "-q", "-k", "cuda", "tests"])[-600:])
+    print("\n== bench_loader to GPU memory, d 768 bf16 store, against the 2.5M tok/s step goal")
+    print(bench(["scripts/bench_loader.py", "--device", "cuda", "--d", "768", "--dtype", "bfloat16",
+                 "--rows", "2000000", "--reference-tok-s", "2.5e6", "--goal", "1.0"])[-400:])
     print("\n== bench_harvest GPT-2-small shape, bf16, ctx 1024, layer 8")
     print(bench(["scripts/bench_harvest.py", "--gpt2-shape", "--device", "cuda", "--model-dtype", "bfloat16",
                  "--ctx", "1024", "--batch", "32", "--hook", "blocks.8.hook_resid_post",

@@ -3,6 +3,7 @@ import itertools
 import pytest
 import torch
 
+from saekit.data import loader as loader_module
 from saekit.data.loader import ActivationLoader
 from saekit.data.store import StoreReader, StoreWriter
 
@@ -95,3 +96,38 @@ def test_row_range_held_out(store):
     assert torch.equal(got, all_ids(store, (5, end)).sort().values)
     held_out = set(all_ids(store, (end, store.n_rows)).tolist())
     assert not held_out & set(got.tolist())
+
+
+class _HostFeed(loader_module._DeviceFeed):
+    """The one-ahead feed with its two CUDA calls (side-stream copy, event wait) replaced by a host
+    widening: what is left, and tested here, is the hand-over order, positions and end of data."""
+
+    def _start_copy(self, x_host):
+        assert x_host.dtype == torch.float16  # the store dtype crosses the bus, widened after
+        return x_host.float(), None
+
+    def _wait(self, x, done):
+        return x
+
+
+@pytest.mark.parametrize("epochs", [None, 2])
+def test_one_ahead_device_feed_keeps_batches_positions_and_end(store, monkeypatch, epochs):
+    monkeypatch.setattr(loader_module, "_DeviceFeed", _HostFeed)
+    plain = ActivationLoader(store, HOOK, 16, buffer_tokens=50, seed=2, drop_last=False, epochs=epochs)
+    fed = ActivationLoader(store, HOOK, 16, buffer_tokens=50, seed=2, drop_last=False, epochs=epochs)
+    fed._feed, fed.device = True, torch.device("cpu")  # the CUDA path, less pinning and streams
+    n = 2 * plain.batches_per_epoch if epochs else 25
+    want, got = [], []
+    for loader, out in ((plain, want), (fed, got)):
+        for x in itertools.islice(loader, n + 5):  # with epochs set, both stop by themselves at n
+            out.append((x, loader.state_dict()))
+    assert len(got) == len(want) == (n if epochs else n + 5)
+    for (x, s), (y, t) in zip(got, want):
+        assert x.dtype == torch.float32 and torch.equal(x, y) and s == t
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_loader_matches_cpu_loader(store):
+    cpu = take(ActivationLoader(store, HOOK, 16, buffer_tokens=50, seed=5), 30)
+    gpu = take(ActivationLoader(store, HOOK, 16, buffer_tokens=50, seed=5, device="cuda"), 30)
+    assert all(y.is_cuda and y.dtype == torch.float32 and torch.equal(x, y.cpu()) for x, y in zip(cpu, gpu))
