@@ -97,6 +97,9 @@ class ModelConfig:
     # topk fast path: where its sparse products run, "torch" (library calls) or "triton" (optional
     # package; one kernel per product, CUDA, see autoencoders/triton_kernels.py).
     sparse_kernels: str = "torch"
+    # topk fast path: how the top k are selected, "torch" (torch.topk), "two_stage" (group maxima first,
+    # exact, see kernels.two_stage_topk) or "auto" (two_stage on CUDA, torch elsewhere).
+    topk_method: str = "auto"
     # batchtopk: EMA decay of the inference threshold, per training step. 0.99 averages the last ~100
     # batches: enough to smooth a per-batch order statistic of k*B values, short enough to follow the
     # drifting activations of a run of a few hundred steps (0.999 still weighted the first, untrained

@@ -17,7 +17,7 @@ import torch
 
 from saekit.config import ConfigError, HarvestConfig, resolve_device, resolve_dtype
 from saekit.data.store import StoreWriter
-from saekit.data.text import iter_texts
+from saekit.data.text import corpus_id, iter_texts
 from saekit.data.tokens import iter_windows, special_mask
 from saekit.lm import load_lm, make_capture
 
@@ -84,7 +84,7 @@ class Harvester:
             raise ConfigError(f"context_size {cfg.context_size} exceeds the model's {lm.n_ctx} positions")
         self.capture = make_capture(lm, cfg.hooks, backend=cfg.backend)  # validates hook names first
         meta = {"model": cfg.model, "revision": cfg.revision, "architecture": lm.architecture,
-                "tokenizer": getattr(lm.tokenizer, "name_or_path", cfg.model)}
+                "tokenizer": getattr(lm.tokenizer, "name_or_path", cfg.model), "corpus": corpus_id(cfg.dataset)}
         self.writer = StoreWriter(cfg.out, meta=meta, config=fingerprint(cfg), hooks=cfg.hooks,
                                   d_model=lm.d_model, dtype=cfg.dtype, shard_sequences=cfg.shard_sequences,
                                   tokenizer=lm.tokenizer, context_size=cfg.context_size,

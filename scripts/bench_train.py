@@ -7,7 +7,8 @@ one dense encoder product per token (2·d·n FLOP) at the matmul rate measured h
 
     python scripts/bench_train.py [--device cpu|cuda] [--d 384 --n 6144 --k 32 --batch 4096 --steps 5]
                                   [--dtype fp32|bf16] [--kinds relu,batchtopk,jumprelu] [--chunk 0]
-                                  [--triton] [--compile] [--no-naive]
+                                  [--triton] [--compile] [--no-naive] [--topk auto|torch|two_stage]
+                                  [--compare-topk]
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 import torch
 
 from saekit.autoencoders import build
+from saekit.autoencoders.kernels import resolve_topk_method
 from saekit.config import ModelConfig
 
 
@@ -89,6 +91,9 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true", help="skip the naive step (when it would not fit)")
     ap.add_argument("--triton", action="store_true", help="also time the triton backend of the sparse products")
     ap.add_argument("--compile", action="store_true", help="also time saekit topk under torch.compile")
+    ap.add_argument("--topk", default="auto", help="saekit topk's selection: auto, torch, two_stage")
+    ap.add_argument("--compare-topk", action="store_true",
+                    help="also time saekit topk with the other selection method")
     args = ap.parse_args()
 
     if args.threads:
@@ -106,8 +111,14 @@ def main() -> None:
     if not args.no_naive:
         steppers["naive topk"] = Stepper("topk", ModelConfig(kind="topk", fast_path=False, **cfg), args.d, x,
                                          dead, autocast_dtype)
+    cfg["topk_method"] = resolve_topk_method(args.topk, device)
     steppers["saekit topk"] = Stepper("topk", ModelConfig(kind="topk", chunk_tokens=args.chunk, **cfg),
                                       args.d, x, dead, autocast_dtype)
+    if args.compare_topk:
+        other = "torch" if cfg["topk_method"] == "two_stage" else "two_stage"
+        steppers[f"saekit topk {other}"] = Stepper(
+            "topk", ModelConfig(kind="topk", chunk_tokens=args.chunk, **{**cfg, "topk_method": other}),
+            args.d, x, dead, autocast_dtype)
     if args.triton:
         steppers["saekit topk triton"] = Stepper(
             "topk", ModelConfig(kind="topk", chunk_tokens=args.chunk, sparse_kernels="triton", **cfg),
@@ -116,7 +127,8 @@ def main() -> None:
         steppers["saekit topk compile"] = Stepper("topk", ModelConfig(kind="topk", chunk_tokens=args.chunk, **cfg),
                                                   args.d, x, dead, autocast_dtype, compile=True)
     for kind in filter(None, args.kinds.split(",")):
-        steppers[f"saekit {kind}"] = Stepper(kind, ModelConfig(kind=kind, **cfg), args.d, x, dead, autocast_dtype)
+        steppers[f"saekit {kind}"] = Stepper(kind, ModelConfig(kind=kind, n_latents=args.n, k=args.k), args.d, x,
+                                             dead, autocast_dtype)
 
     peak = {}
     for name, s in steppers.items():  # one step alone each, for its peak memory (GPU only)
@@ -135,7 +147,8 @@ def main() -> None:
 
     rate = matmul_rate(args.batch, args.d, args.n, device, torch.bfloat16 if autocast_dtype else torch.float32)
     ceiling = rate / (2 * args.d * args.n)
-    print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, d={args.d} n={args.n} k={args.k} batch={args.batch}, "
+    print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, d={args.d} n={args.n} k={args.k} "
+          f"batch={args.batch}, saekit topk selects by {cfg['topk_method']}, "
           f"{args.dead:.0%} dead (AuxK on), {args.steps} timed steps (median)")
     print(f"matmul rate {rate / 1e9:.1f} GFLOP/s -> ceiling {ceiling / 1e3:.1f}k tok/s (2*d*n FLOP/token)")
     print(f"{'impl':<22}{'ms/step':>10}{'tok/s':>12}{'of ceiling':>12}{'peak GiB':>10}")

@@ -236,3 +236,13 @@ def test_sigkill_and_resume_gives_identical_files(tmp_path):
     assert _files(store) == ref
     # 5) rerunning a complete store changes nothing
     assert run(store)[0] == 0 and _files(store) == ref
+
+
+def test_split_rows_is_the_one_train_heldout_split():
+    from saekit.data.store import split_rows
+
+    assert split_rows(100, 30) == ((0, 70), (70, 100))
+    assert split_rows(100, 0) == ((0, 100), (100, 100))
+    assert split_rows(10, 30) == ((0, 0), (0, 10))  # evaluating on a smaller store: all of it
+    with pytest.raises(ValueError):
+        split_rows(10, -1)

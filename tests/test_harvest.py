@@ -102,3 +102,21 @@ def test_cli_rejects_unknown_key_with_nearest(capsys, tmp_path):
 def test_shard_size_must_align_with_batches(tmp_path):
     with pytest.raises(ConfigError, match="multiple of batch_size"):
         harvest(HarvestConfig(out=str(tmp_path / "s"), batch_size=3, shard_sequences=4))
+
+
+def test_store_of_another_corpus_version_is_not_resumed(reference_store, tmp_path):
+    """A store harvested from an older built-in corpus (another text for the same name, e.g. before
+    the docstrings were shuffled) is refused on resume, not silently extended with other text."""
+    import shutil
+
+    old = tmp_path / "store"
+    shutil.copytree(reference_store, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert manifest["corpus"].startswith("builtin:stdlib-docstrings v2, Python ")
+    manifest.pop("corpus")  # as an older saekit wrote it
+    manifest["complete"] = False
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    cfg = HarvestConfig(out=str(old), hooks=HOOKS, max_tokens=3000, batch_size=4, shard_sequences=4,
+                        context_size=64, progress=False)
+    with pytest.raises(StoreMismatchError, match="corpus"):
+        harvest(cfg)

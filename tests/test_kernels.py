@@ -37,6 +37,44 @@ def test_select_topk_sorted_rows_and_relu():
     _close(vals, pre.gather(1, idx).relu(), "values follow their indices")
 
 
+def _same_selection(pre, vals, idx, k):
+    """vals are the k largest of each row (as a multiset, so ties may pick either) and sit at idx."""
+    assert torch.equal(vals.sort(-1).values, pre.topk(k, dim=-1).values.sort(-1).values)
+    assert torch.equal(pre.gather(1, idx), vals)
+    assert (idx.sort(-1).values.diff(dim=1) > 0).all()  # k distinct columns
+
+
+@pytest.mark.parametrize("case", ["random", "one_group", "ties", "bf16"])
+def test_two_stage_topk_selects_what_torch_topk_does(case):
+    g = torch.Generator().manual_seed(8)
+    b, n, k = 64, 32 * 24, 16
+    pre = torch.randn(b, n, generator=g)
+    if case == "one_group":  # the whole top k inside a few groups, some rows inside one group
+        pre[:, 64:96] += 10
+        pre[::2, 200:203] += 20
+    elif case == "ties":  # few distinct values: many equal group maxima at the threshold
+        pre = torch.randint(0, 6, (b, n), generator=g).float()
+    elif case == "bf16":
+        pre = pre.bfloat16()
+    vals, idx = kernels.two_stage_topk(pre, k)
+    _same_selection(pre, vals, idx, k)
+
+
+def test_select_topk_two_stage_and_fallback():
+    pre = torch.randn(16, 32 * 10, dtype=F64)
+    ref = select_topk(pre, 8)
+    assert kernels.TOPK_GROUP == 32
+    for method, width in (("two_stage", 320), ("two_stage", 300), ("torch", 320)):  # 300: no whole groups
+        got = select_topk(pre[:, :width], 8, method)
+        want = select_topk(pre[:, :width], 8)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(select_topk(pre, 8, "two_stage")[0], ref[0])
+    assert kernels.resolve_topk_method("auto", torch.device("cuda")) == "two_stage"
+    assert kernels.resolve_topk_method("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="valid: auto, torch, two_stage"):
+        kernels.resolve_topk_method("radix", torch.device("cpu"))
+
+
 def test_latent_major_matmul_equals_dense():
     idx, vals = select_topk(torch.randn(B, N, dtype=F64), K)
     dense = torch.randn(B, D, dtype=F64)
@@ -94,11 +132,12 @@ def test_topk_encode_forward_and_all_grads(with_cols):
             _close(a, b, name)
 
 
-@pytest.mark.parametrize("chunk", [0, 7])  # one block; chunks of 7 tokens, the last one short (48 = 6*7 + 6)
+@pytest.mark.parametrize("chunk,topk", [(0, "torch"), (7, "torch"), (7, "two_stage")])  # 7: 48 = 6*7 + 6
 @pytest.mark.parametrize("aux_path", ["dense", "sparse"])
 @pytest.mark.parametrize("n_dead", [0, 3, 30])  # none, fewer than auxk_k, more
-def test_fast_topk_sae_matches_naive(n_dead, aux_path, chunk, monkeypatch):
+def test_fast_topk_sae_matches_naive(n_dead, aux_path, chunk, topk, monkeypatch):
     monkeypatch.setattr(kernels, "AUXK_DENSE_FACTOR", 10**6 if aux_path == "dense" else 0)
+    monkeypatch.setattr(kernels, "TOPK_GROUP", 8)  # N 80 = 10 groups of 8 >= K: two stages apply
     auxk_k = 4
     x, p = _params(seed=1)
     dead = torch.randperm(N, generator=torch.Generator().manual_seed(2))[:n_dead].sort().values
@@ -107,7 +146,7 @@ def test_fast_topk_sae_matches_naive(n_dead, aux_path, chunk, monkeypatch):
     for impl in (topk_sae_fast, topk_sae_naive):
         for t in p.values():
             t.grad = None
-        r = impl(x, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], K, dead, auxk_k, chunk)
+        r = impl(x, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], K, dead, auxk_k, chunk, "torch", topk)
         x_hat = r.xhat_BD + p["b_dec"]
         loss = (x - x_hat).pow(2).sum(-1).mean()
         if n_dead:

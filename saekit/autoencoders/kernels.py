@@ -92,10 +92,48 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def select_topk(pre_BN: Tensor, k: int) -> tuple[Tensor, Tensor]:
+# --------------------------------------------------------------------------------- top-k selection
+# On an H100, torch.topk over the [B, n] pre-activations is the slowest piece of a TopK step (TARGETS.md:
+# 0.86 ms at GPT-2 shape, 4x the encoder GEMM; about six memory passes). ``two_stage_topk`` selects the
+# same set from ~k·g + n/g candidates after one pass. On the 2-core CPU torch.topk is as fast or faster
+# at n 6144 (one run, B 4096, k 32: 54 vs 74 ms) and two stages win only from n ~24k (136 vs 114 ms), so
+# "auto" means two stages on CUDA and torch.topk elsewhere.
+TOPK_GROUP = 32  # g ~ sqrt(n / k) balances the two stages: 24576/32 -> 28, 65536/64 -> 32
+TOPK_METHODS = ("auto", "torch", "two_stage")
+
+
+def two_stage_topk(pre_BN: Tensor, k: int, group: int = TOPK_GROUP) -> tuple[Tensor, Tensor]:
+    """(vals_BK, idx_BK), unsorted, of the k largest entries per row; the same set as torch.topk.
+
+    Split each row into groups of ``group`` columns and take each group's max. Let t be the k-th
+    largest group max: the k groups holding the k largest maxima hold k distinct entries >= t, so any
+    entry of another group (<= its max <= t) is at best the (k+1)-th largest. Hence the top k of the
+    row lie in those k groups, and a top-k over their k·group entries finds them. Needs n % group == 0
+    and k <= n / group."""
+    B, N = pre_BN.shape
+    groups_BGg = pre_BN.view(B, N // group, group)
+    top_groups_BK = groups_BGg.amax(-1).topk(k, dim=-1, sorted=False).indices
+    cand_BC = groups_BGg.gather(1, top_groups_BK[..., None].expand(B, k, group)).view(B, k * group)
+    vals_BK, loc_BK = cand_BC.topk(k, dim=-1, sorted=False)
+    group_BK = top_groups_BK.gather(1, torch.div(loc_BK, group, rounding_mode="floor"))
+    return vals_BK, group_BK * group + loc_BK % group
+
+
+def resolve_topk_method(method: str, device: torch.device) -> str:
+    if method not in TOPK_METHODS:
+        raise ValueError(f"unknown topk_method '{method}'; valid: {', '.join(TOPK_METHODS)}")
+    return ("two_stage" if device.type == "cuda" else "torch") if method == "auto" else method
+
+
+def select_topk(pre_BN: Tensor, k: int, method: str = "torch") -> tuple[Tensor, Tensor]:
     """Top-k + ReLU per row. Returns (idx_BK, vals_BK), indices sorted ascending within each row
-    (CSR kernels want sorted column indices, and a canonical order makes outputs comparable)."""
-    vals_BK, idx_BK = pre_BN.topk(k, dim=-1, sorted=False)
+    (CSR kernels want sorted column indices, and a canonical order makes outputs comparable).
+    ``method``: "torch" (torch.topk) or "two_stage" (where the width allows; else torch.topk)."""
+    N = pre_BN.shape[1]
+    if method == "two_stage" and N % TOPK_GROUP == 0 and k <= N // TOPK_GROUP:
+        vals_BK, idx_BK = two_stage_topk(pre_BN, k, TOPK_GROUP)
+    else:
+        vals_BK, idx_BK = pre_BN.topk(k, dim=-1, sorted=False)
     idx_BK, order_BK = idx_BK.sort(dim=-1)
     return idx_BK, vals_BK.gather(-1, order_BK).relu()
 
@@ -192,26 +230,26 @@ def chunk_rows(B: int, N: int, chunk: int = 0) -> int:
 
 
 def topk_chunked(x_c_BD: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int, cols_M: Tensor,
-                 chunk: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                 chunk: int = 0, method: str = "torch") -> tuple[Tensor, Tensor, Tensor]:
     """(idx_BK, vals_BK, pre_BM) of pre = x_c @ W_enc + b_enc, never holding more than one chunk of
     [rows, n] pre-activations; pre_BM are the columns ``cols_M`` (AuxK's dead latents). No autograd:
     ``topk_encode`` wraps this with the sparse backward."""
     B, N = x_c_BD.shape[0], W_enc_DN.shape[1]
     rows = chunk_rows(B, N, chunk)
     if rows >= B:
-        return _topk_block(x_c_BD, W_enc_DN, b_enc_N, k, cols_M)
-    parts = [_topk_block(x_c_BD[s:s + rows], W_enc_DN, b_enc_N, k, cols_M) for s in range(0, B, rows)]
+        return _topk_block(x_c_BD, W_enc_DN, b_enc_N, k, cols_M, method)
+    parts = [_topk_block(x_c_BD[s:s + rows], W_enc_DN, b_enc_N, k, cols_M, method) for s in range(0, B, rows)]
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def _topk_block(x_c_BD: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int, cols_M: Tensor):
+def _topk_block(x_c_BD: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int, cols_M: Tensor, method: str):
     with torch.no_grad():
         out = _pre_buffer(x_c_BD.shape[0], W_enc_DN.shape[1], x_c_BD, W_enc_DN)
         if out is None:
             pre_BN = torch.addmm(b_enc_N, x_c_BD, W_enc_DN)  # autocast may make this bf16
         else:
             pre_BN = torch.addmm(b_enc_N, x_c_BD, W_enc_DN, out=out)
-        idx_BK, vals_BK = select_topk(pre_BN, k)
+        idx_BK, vals_BK = select_topk(pre_BN, k, method)
         pre_BM = pre_BN.index_select(1, cols_M).to(W_enc_DN.dtype)  # fresh: the buffer is reused
         return idx_BK, vals_BK.to(W_enc_DN.dtype), pre_BM
 
@@ -220,11 +258,12 @@ def _topk_block(x_c_BD: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int, cols_
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k: int, cols_M: Tensor | None, chunk: int,
-                backend: str):
+                backend: str, method: str):
         x_c_BD = x_BD - b_dec_D
         if cols_M is None:
             cols_M = torch.zeros(0, dtype=torch.long, device=x_BD.device)
-        idx_BK, vals_BK, pre_BM = topk_chunked(x_c_BD, W_enc_DN, b_enc_N, k, cols_M, chunk)
+        idx_BK, vals_BK, pre_BM = topk_chunked(x_c_BD, W_enc_DN, b_enc_N, k, cols_M, chunk,
+                                               resolve_topk_method(method, x_BD.device))
         ctx.save_for_backward(x_c_BD, W_enc_DN, idx_BK, vals_BK, cols_M)
         ctx.device_type, ctx.backend = x_BD.device.type, backend
         ctx.mark_non_differentiable(idx_BK)
@@ -261,17 +300,18 @@ class _TopKEncode(torch.autograd.Function):
         # pre = (x - b_dec) @ W_enc + b_enc, so d pre / d b_dec = -W_enc: summed over the batch that
         # is -W_enc @ (the b_enc gradient), whatever mix of selections produced it.
         g_b_dec_D = -(W_enc_DN @ g_b_enc_N) if ctx.needs_input_grad[1] else None
-        return g_x_BD, g_b_dec_D, g_W_enc_ND.T, g_b_enc_N, None, None, None, None
+        return g_x_BD, g_b_dec_D, g_W_enc_ND.T, g_b_enc_N, None, None, None, None, None
 
 
 def topk_encode(x_BD: Tensor, b_dec_D: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int,
-                cols_M: Tensor | None = None, chunk: int = 0, backend: str = "torch"
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                cols_M: Tensor | None = None, chunk: int = 0, backend: str = "torch",
+                topk_method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """Top-k of pre = (x - b_dec) @ W_enc + b_enc, ReLU'd. Returns (vals_BK, idx_BK, pre_BM) where
     pre_BM holds the dense pre-activations of columns ``cols_M`` (for AuxK; [B, 0] if None).
     Gradients flow to x, b_dec, W_enc, b_enc through the selected entries and pre_BM only.
-    The pre-activations are computed ``chunk`` tokens at a time (0: ``chunk_rows``'s default)."""
-    return _TopKEncode.apply(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, cols_M, chunk, backend)
+    The pre-activations are computed ``chunk`` tokens at a time (0: ``chunk_rows``'s default) and
+    selected by ``topk_method`` (one of TOPK_METHODS)."""
+    return _TopKEncode.apply(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, cols_M, chunk, backend, topk_method)
 
 
 def auxk_decode(pre_BM: Tensor, dead_M: Tensor, auxk_k: int, W_dec_ND: Tensor, backend: str = "torch") -> Tensor:
@@ -298,22 +338,23 @@ class TopKResult(NamedTuple):
 
 
 def topk_sae_fast(x_BD, b_dec_D, W_enc_DN, b_enc_N, W_dec_ND, k: int, dead_M: Tensor | None,
-                  auxk_k: int, chunk: int = 0, backend: str = "torch") -> TopKResult:
+                  auxk_k: int, chunk: int = 0, backend: str = "torch", topk_method: str = "auto") -> TopKResult:
     """Sparse kernels throughout; ``dead_M`` holds the ids of dead latents (or None); ``chunk``: tokens
-    per pre-activation chunk (0: auto); ``backend``: one of BACKENDS."""
+    per pre-activation chunk (0: auto); ``backend``: one of BACKENDS; ``topk_method``: TOPK_METHODS."""
     use_aux = dead_M is not None and dead_M.numel() > 0
     vals_BK, idx_BK, pre_BM = topk_encode(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, dead_M if use_aux else None,
-                                          chunk, backend)
+                                          chunk, backend, topk_method)
     xhat_BD = sparse_decode(idx_BK, vals_BK, W_dec_ND, backend)
     ehat_BD = auxk_decode(pre_BM, dead_M, auxk_k, W_dec_ND, backend) if use_aux else None
     return TopKResult(xhat_BD, idx_BK, vals_BK, ehat_BD)
 
 
 def topk_sae_naive(x_BD, b_dec_D, W_enc_DN, b_enc_N, W_dec_ND, k: int, dead_M: Tensor | None,
-                   auxk_k: int, chunk: int = 0, backend: str = "torch") -> TopKResult:
+                   auxk_k: int, chunk: int = 0, backend: str = "torch", topk_method: str = "torch") -> TopKResult:
     """The reference: dense [B, n] codes, dense decoder GEMMs, autograd's dense backward, and AuxK as
-    in Gao et al.'s code (live latents masked to -inf over all n, dense aux code). ``chunk`` and
-    ``backend`` are unused: the reference holds all [B, n] pre-activations and uses dense products."""
+    in Gao et al.'s code (live latents masked to -inf over all n, dense aux code). ``chunk``, ``backend``
+    and ``topk_method`` are unused: the reference holds all [B, n] pre-activations, uses dense products
+    and torch.topk."""
     pre_BN = torch.addmm(b_enc_N, x_BD - b_dec_D, W_enc_DN)
     idx_BK, vals_BK = select_topk(pre_BN, k)
     code_BN = torch.zeros_like(pre_BN).scatter(1, idx_BK, vals_BK)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from saekit.autoencoders.base import Output, register
-from saekit.autoencoders.kernels import (BACKENDS, resolve_backend, sparse_decode, topk_encode, topk_sae_fast,
-                                         topk_sae_naive)
+from saekit.autoencoders.kernels import (BACKENDS, TOPK_METHODS, resolve_backend, sparse_decode, topk_encode,
+                                         topk_sae_fast, topk_sae_naive)
 from saekit.autoencoders.sae import (SparseAutoencoder, auxk_loss, mse, normalize_rows_,
                                      remove_parallel_grad_)
 from saekit.config import ModelConfig
@@ -20,12 +20,14 @@ from saekit.config import ModelConfig
 @register("topk")
 class TopKSAE(SparseAutoencoder):
     """Config: n_latents, k, auxk_k (default d_in // 2), auxk_alpha, fast_path, chunk_tokens,
-    sparse_kernels."""
+    sparse_kernels, topk_method."""
 
     def __init__(self, d_in: int, cfg: ModelConfig):
         super().__init__(d_in, cfg)
         if cfg.sparse_kernels not in BACKENDS:
             raise ValueError(f"unknown sparse_kernels '{cfg.sparse_kernels}'; valid: {', '.join(BACKENDS)}")
+        if cfg.topk_method not in TOPK_METHODS:
+            raise ValueError(f"unknown topk_method '{cfg.topk_method}'; valid: {', '.join(TOPK_METHODS)}")
 
     def _backend(self, t: Tensor) -> str:
         # Resolved per call, not at build: a model trained on triton kernels loads and runs anywhere.
@@ -36,7 +38,8 @@ class TopKSAE(SparseAutoencoder):
         pre-activations are computed in chunks (never all [B, n] at once), and gradients flow through
         the sparse backward."""
         vals_BK, idx_BK, _ = topk_encode(self.scale_in(x), self.b_dec, self.W_enc, self.b_enc, self.cfg.k,
-                                         chunk=self.cfg.chunk_tokens, backend=self._backend(x))
+                                         chunk=self.cfg.chunk_tokens, backend=self._backend(x),
+                                         topk_method=self.cfg.topk_method)
         return idx_BK, vals_BK
 
     def encode(self, x: Tensor) -> Tensor:
@@ -50,7 +53,7 @@ class TopKSAE(SparseAutoencoder):
         x_n_BD = self.scale_in(x)
         step = topk_sae_fast if self.cfg.fast_path else topk_sae_naive
         r = step(x_n_BD, self.b_dec, self.W_enc, self.b_enc, self.W_dec, self.cfg.k, self.dead_ids(),
-                 self.auxk_k, self.cfg.chunk_tokens, self._backend(x))
+                 self.auxk_k, self.cfg.chunk_tokens, self._backend(x), self.cfg.topk_method)
         x_hat_n_BD = r.xhat_BD + self.b_dec
         losses = {"mse": mse(x_n_BD, x_hat_n_BD),
                   "auxk": auxk_loss(x_n_BD - x_hat_n_BD.detach(), r.ehat_BD, self.cfg.auxk_alpha)}

@@ -64,6 +64,16 @@ class CorruptShardError(StoreError):
     """A shard file is missing, truncated or does not match its checksum."""
 
 
+def split_rows(n_rows: int, heldout_tokens: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(training rows, held-out rows) as global row ranges: the held-out rows are the store's last
+    ``heldout_tokens`` (all of it when it has fewer). The one definition of the split: the trainer
+    reads the first range, evaluation the second."""
+    if heldout_tokens < 0:
+        raise ValueError(f"heldout_tokens must be >= 0, got {heldout_tokens}")
+    start = max(0, n_rows - heldout_tokens)
+    return (0, start), (start, n_rows)
+
+
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 

@@ -9,6 +9,7 @@ import ast
 import functools
 import os
 import random
+import sys
 import sysconfig
 import warnings
 from collections.abc import Callable, Iterator
@@ -178,3 +179,15 @@ BUILTIN_CORPORA: dict[str, Callable[[], Iterator[str]]] = {
     "stdlib-docstrings": stdlib_docstrings,
     "stdlib-source": stdlib_source,
 }
+# Bumped whenever a built-in corpus yields other text for the same name (2: docstrings shuffled).
+BUILTIN_VERSIONS = {"stdlib-docstrings": 2, "stdlib-source": 1}
+
+
+def corpus_id(dataset: str) -> str | None:
+    """What fixes a built-in corpus's text beyond its name: our version of it and the Python whose
+    standard library it reads (None for other sources, whose name and revision say it). A store records
+    this, so a resume never appends text from a different corpus to what is on disk."""
+    if not dataset.startswith("builtin:"):
+        return None
+    name = dataset[len("builtin:"):]
+    return f"{dataset} v{BUILTIN_VERSIONS.get(name, 1)}, Python {sys.version_info[0]}.{sys.version_info[1]}"

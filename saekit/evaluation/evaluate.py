@@ -71,13 +71,6 @@ def _plain(value):
 
 
 # ---------------------------------------------------------------------------------- held-out rows
-def heldout_range(n_rows: int, heldout_tokens: int) -> tuple[int, int]:
-    """Global rows [start, n_rows) of the last ``heldout_tokens`` rows."""
-    if heldout_tokens <= 0:
-        raise ValueError(f"heldout_tokens must be positive, got {heldout_tokens}")
-    return max(0, n_rows - heldout_tokens), n_rows
-
-
 def heldout_sequences(reader, first_row: int, n: int) -> tuple[torch.Tensor, bool]:
     """Up to ``n`` whole windows [n, ctx] starting at the first sequence whose rows are all at or after
     ``first_row``; and whether they are all held out (False: fell back to the store's last windows)."""
@@ -155,11 +148,14 @@ def load_store_lm(reader, device="cpu"):
 def evaluate_model(model, reader, hook: str, cfg: EvalConfig, heldout_tokens: int, lm=None,
                    training_heldout: int | None = None) -> dict:
     """All metrics of one autoencoder against one store (``lm`` is loaded from the store if needed)."""
+    from saekit.data.store import split_rows
     from saekit.evaluation.downstream import downstream_metrics
 
     device = resolve_device(cfg.device)
     model = model.to(device).eval()
-    rows = heldout_range(reader.n_rows, heldout_tokens)
+    if heldout_tokens <= 0:
+        raise ValueError(f"heldout_tokens must be positive, got {heldout_tokens}")
+    _, rows = split_rows(reader.n_rows, heldout_tokens)
     result = {"kind": model.kind, "n_latents": model.n_latents, "d_in": model.d_in, "hook": hook,
               "store": str(reader.directory), "heldout_rows": list(rows)}
     if training_heldout is not None:

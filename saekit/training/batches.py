@@ -77,18 +77,16 @@ class BatchStream:
 def open_store(cfg: TrainConfig, rank: int, world_size: int, device=None):
     """The store's shuffling loader for this rank: batch_size is global, split evenly over ranks."""
     from saekit.data.loader import ActivationLoader
-    from saekit.data.store import StoreReader
+    from saekit.data.store import StoreReader, split_rows
 
     data = cfg.data
     if data.batch_size % world_size:
         raise ValueError(f"data.batch_size {data.batch_size} is not divisible by the world size {world_size}")
     store = StoreReader(data.store)
-    row_range = None
-    if data.heldout_tokens > 0:
-        if data.heldout_tokens >= store.n_rows:
-            raise ValueError(f"data.heldout_tokens {data.heldout_tokens} leaves no training rows "
-                             f"(the store has {store.n_rows})")
-        row_range = (0, store.n_rows - data.heldout_tokens)  # the held-out rows are the last ones
+    if data.heldout_tokens >= store.n_rows:
+        raise ValueError(f"data.heldout_tokens {data.heldout_tokens} leaves no training rows "
+                         f"(the store has {store.n_rows})")
+    row_range, _ = split_rows(store.n_rows, data.heldout_tokens)
     on_gpu = device is not None and torch.device(device).type == "cuda"
     return ActivationLoader(store, data.hook, data.batch_size // world_size,
                             buffer_tokens=data.buffer_tokens, seed=data.seed, rank=rank,
