@@ -180,9 +180,10 @@ def gather_dots(idx_BK: Tensor, g_BD: Tensor, W_ND: Tensor, backend: str = "torc
 
 
 def _decode(idx_BK: Tensor, vals_BK: Tensor, W_ND: Tensor, backend: str = "torch") -> Tensor:
+    vals_BK = vals_BK.to(W_ND.dtype)
     if backend == "triton":
-        return _triton().decode(idx_BK, vals_BK.to(W_ND.dtype), W_ND)
-    return F.embedding_bag(idx_BK, W_ND, per_sample_weights=vals_BK.to(W_ND.dtype), mode="sum")
+        return _triton().decode(idx_BK, vals_BK, W_ND)
+    return F.embedding_bag(idx_BK, W_ND, per_sample_weights=vals_BK, mode="sum")
 
 
 # ------------------------------------------------------------------------------- the sparse decoder

@@ -155,7 +155,7 @@ class ActivationLoader:
         self.epoch, self._batch = epoch, k + 1
         if self._batch >= self.batches_per_epoch:
             self.epoch, self._batch = epoch + 1, 0
-        if self.device is not None and x.device != self.device:
+        if self.device is not None:  # a no-op for a batch the feed already put there
             x = x.to(self.device, non_blocking=True)
         return x
 
@@ -191,15 +191,16 @@ class ActivationLoader:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item is _END:
+                    last = feed.flush() if feed is not None else None
+                    if last is not None:
+                        yield self._hand_out(*last)
+                    return
                 if feed is not None:  # hand out the batch before, whose copy ran during its step
-                    item = feed.flush() if item is _END else feed.push(item)
+                    item = feed.push(item)
                     if item is None:  # the first batch: its copy has just started
                         continue
-                if item is _END:
-                    return
                 yield self._hand_out(*item)
-                if feed is not None and feed.finished:
-                    return
         finally:
             stop.set()
             thread.join()
@@ -212,14 +213,12 @@ class _DeviceFeed:
     would alternate copy, step, copy, step (at d 768, batch 4096 the fp32 copy is ~12 MB, a large part
     of a ~2 ms step). Here batch i+1 crosses PCIe while batch i computes; the compute stream waits on
     the copy's event only when it takes the batch. ``push`` starts a copy and returns the previous
-    batch (None for the first); ``flush``, at the end of the data, returns the last one (or _END when
-    none is pending) and sets ``finished``."""
+    batch (None for the first); ``flush``, at the end of the data, returns the last one (or None)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.pending = None
-        self.finished = False
 
     def push(self, item):
         epoch, k, x_host = item
@@ -227,9 +226,8 @@ class _DeviceFeed:
         return self._hand_over(previous)
 
     def flush(self):
-        self.finished = True
         previous, self.pending = self.pending, None
-        return _END if previous is None else self._hand_over(previous)
+        return self._hand_over(previous)
 
     def _hand_over(self, pending):
         if pending is None:
