@@ -1,7 +1,11 @@
 """`saekit harvest | train | evaluate | analyze | compare | demo`: thin calls into the library.
 
 Every stage takes an optional YAML file plus ``--key value`` overrides that use the same names as the
-file (dotted for nested sections: ``--model.k 64``). Nothing in the library imports this module.
+file (dotted for nested sections: ``--model.k 64``). An error the user can fix (``saekit.errors
+.UserError``: a bad config value, a missing or damaged store, an unknown hook, a missing model, a run
+directory holding another run) is one line on stderr and exit status 2; ``--debug`` shows its
+traceback. Anything else is a bug in saekit and keeps its traceback. Nothing in the library imports
+this module.
 """
 from __future__ import annotations
 
@@ -9,50 +13,50 @@ import argparse
 import json
 import sys
 
-from saekit.config import (AnalyzeConfig, ConfigError, EvalConfig, HarvestConfig, TrainConfig,
-                           load_config, parse_override_args)
+from saekit.errors import UserError
 
 
-def _stage_config(cls, path, extra):
-    return load_config(cls, path, parse_override_args(extra))
+def _stage_config(cls_name: str, path, extra, **fixed):
+    from saekit import config
+    from saekit.schema import parse_override_args
+
+    return config.load_config(getattr(config, cls_name), path, {**fixed, **parse_override_args(extra)})
 
 
 def cmd_harvest(path, extra):
     from saekit.harvest import harvest
 
-    out = harvest(_stage_config(HarvestConfig, path, extra))
-    print(f"store: {out}")
+    print(f"store: {harvest(_stage_config('HarvestConfig', path, extra))}")
 
 
 def cmd_train(path, extra):
     from saekit.training import train
 
-    out = train(_stage_config(TrainConfig, path, extra))
-    print(f"run: {out}")
+    print(f"run: {train(_stage_config('TrainConfig', path, extra))}")
 
 
 def cmd_evaluate(run, extra):
     from saekit.evaluation import evaluate_run
 
-    cfg = load_config(EvalConfig, None, {"run": run, **parse_override_args(extra)})
-    print(json.dumps(evaluate_run(cfg), indent=2))
+    print(json.dumps(evaluate_run(_stage_config("EvalConfig", None, extra, run=run)), indent=2))
 
 
 def cmd_analyze(run, extra):
     from saekit.analysis import analyze_run
 
-    cfg = load_config(AnalyzeConfig, None, {"run": run, **parse_override_args(extra)})
-    print(f"dashboard: {analyze_run(cfg)}")
+    print(f"dashboard: {analyze_run(_stage_config('AnalyzeConfig', None, extra, run=run))}")
 
 
 def cmd_compare(path, extra):
-    from saekit.evaluation.compare import compare
+    from saekit.compare import compare
+    from saekit.schema import parse_override_args
 
     print(f"report: {compare(path, parse_override_args(extra))}")
 
 
 def cmd_demo(path, extra):
     from saekit.demo import run_demo
+    from saekit.schema import parse_override_args
 
     run_demo(path, parse_override_args(extra))
 
@@ -69,6 +73,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="saekit", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, arg, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text,
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         optional = arg == "CONFIG"
         p.add_argument("target", metavar=arg, nargs="?" if optional else None, default=None)
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] not in COMMANDS or any(a in ("-h", "--help") for a in argv[1:2]):
         parser.parse_args(argv)  # prints usage/help and exits
     # Parsed by hand so "--key value" overrides never get mistaken for the positional argument.
@@ -83,15 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     target = rest.pop(0) if rest and not rest[0].startswith("--") else None
     if target is None and COMMANDS[command][1] == "RUN_DIR":
         parser.error(f"saekit {command} needs a RUN_DIR")
-    args, extra = argparse.Namespace(command=command, target=target), rest
-    fn = COMMANDS[args.command][0]
     try:
-        fn(args.target, extra)
-    except ConfigError as err:
-        print(f"saekit {args.command}: config error: {err}", file=sys.stderr)
+        COMMANDS[command][0](target, rest)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"saekit {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"saekit {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"saekit {command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from saekit.config import (AnalyzeConfig, DataConfig, DemoConfig, EvalConfig, HarvestConfig, ModelConfig,
-                           TrainConfig, load_config)
+from saekit.autoencoders import TopKConfig
+from saekit.config import AnalyzeConfig, DataConfig, DemoConfig, EvalConfig, HarvestConfig, TrainConfig, load_config
 
 
 def demo_configs(cfg: DemoConfig) -> tuple[HarvestConfig, TrainConfig, EvalConfig, AnalyzeConfig]:
@@ -17,9 +17,9 @@ def demo_configs(cfg: DemoConfig) -> tuple[HarvestConfig, TrainConfig, EvalConfi
     harvest_cfg = HarvestConfig(out=str(out / "store"), model=cfg.model, hooks=[cfg.hook],
                                 max_tokens=cfg.harvest_tokens, device=cfg.device)
     train_cfg = TrainConfig(out=str(out / "topk"), device=cfg.device, total_tokens=cfg.train_tokens,
-                            data=DataConfig(store=harvest_cfg.out, hook=cfg.hook, batch_size=cfg.batch_size,
+                            data=DataConfig(store=harvest_cfg.out, hook=cfg.hook, batch_tokens=cfg.batch_tokens,
                                             heldout_tokens=cfg.heldout_tokens),
-                            model=ModelConfig(kind="topk", n_latents=cfg.n_latents, k=cfg.k))
+                            model=TopKConfig(n_latents=cfg.n_latents, k=cfg.k))
     eval_cfg = EvalConfig(run=train_cfg.out, heldout_tokens=cfg.heldout_tokens, device=cfg.device)
     analyze_cfg = AnalyzeConfig(run=train_cfg.out, max_features=cfg.features, device=cfg.device)
     return harvest_cfg, train_cfg, eval_cfg, analyze_cfg

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from saekit.config import ConfigError, HarvestConfig, resolve_device, resolve_dtype
+from saekit.config import HarvestConfig, resolve_device, resolve_dtype
+from saekit.errors import ConfigError
 from saekit.data.store import StoreWriter
 from saekit.data.text import corpus_id, iter_texts
 from saekit.data.tokens import iter_windows, special_mask
@@ -27,15 +28,6 @@ _NOT_FINGERPRINTED = ("out", "progress")
 
 def fingerprint(cfg: HarvestConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
-
-
-def _check(cfg: HarvestConfig) -> None:
-    if cfg.shard_sequences % cfg.batch_size:
-        # Resumed batches must line up with an uninterrupted run's, or float results could differ.
-        raise ConfigError(f"shard_sequences ({cfg.shard_sequences}) must be a multiple of batch_size "
-                          f"({cfg.batch_size})")
-    if cfg.backend not in ("hf", "transformer_lens"):
-        raise ConfigError(f"unknown backend '{cfg.backend}'; valid: hf, transformer_lens")
 
 
 def _batches(windows, batch_size):
@@ -75,13 +67,13 @@ class Harvester:
     """Loads the model and opens (or resumes) the store; ``run()`` fills it."""
 
     def __init__(self, cfg: HarvestConfig):
-        _check(cfg)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.lm = lm = load_lm(cfg.model, revision=cfg.revision, dtype=resolve_dtype(cfg.model_dtype),
                                device=self.device)
         if cfg.context_size > lm.n_ctx:
-            raise ConfigError(f"context_size {cfg.context_size} exceeds the model's {lm.n_ctx} positions")
+            raise ConfigError(f"config key 'context_size' ({cfg.context_size}) exceeds the model's {lm.n_ctx} "
+                              "positions")
         self.capture = make_capture(lm, cfg.hooks, backend=cfg.backend)  # validates hook names first
         meta = {"model": cfg.model, "revision": cfg.revision, "architecture": lm.architecture,
                 "tokenizer": getattr(lm.tokenizer, "name_or_path", cfg.model), "corpus": corpus_id(cfg.dataset)}
@@ -105,7 +97,7 @@ class Harvester:
         background = _BackgroundWriter(writer)
         rows = writer.rows_done
         try:
-            for tokens in _batches(self.windows(), cfg.batch_size):
+            for tokens in _batches(self.windows(), cfg.batch_sequences):
                 if rows >= cfg.max_tokens:
                     break
                 keep = torch.ones_like(tokens, dtype=torch.bool)

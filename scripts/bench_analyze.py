@@ -20,8 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from saekit.analysis.report import FeatureReport, run_paths  # noqa: E402
-from saekit.autoencoders import Autoencoder, build  # noqa: E402
-from saekit.config import ModelConfig, TrainConfig, to_dict  # noqa: E402
+from saekit.autoencoders import Autoencoder, TopKConfig, build  # noqa: E402
+from saekit.config import TrainConfig  # noqa: E402
+from saekit.files import write_json  # noqa: E402
+from saekit.schema import to_dict  # noqa: E402
 from saekit.data.store import StoreReader, StoreWriter  # noqa: E402
 
 HOOK = "blocks.3.hook_resid_post"
@@ -38,12 +40,12 @@ def synthetic_run(root: Path, rows: int, d: int, n: int, k: int) -> Path:
             acts = torch.randn(per_shard, ctx, d, generator=g)
             w.add(tokens, torch.ones(per_shard, ctx, dtype=torch.bool), {HOOK: acts})
         w.finish()
-    model = build("topk", d, ModelConfig(kind="topk", n_latents=n, k=k))
+    model = build(TopKConfig(n_latents=n, k=k), d)
     run = root / "run"
     model.save(run / "model")
     cfg = TrainConfig(out=str(run))
     cfg.data.store, cfg.data.hook = str(root / "store"), HOOK
-    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    write_json(run / "config.json", to_dict(cfg))
     return run
 
 
@@ -78,7 +80,7 @@ def main():
         for _ in range(2):  # alternate so machine noise hits both
             enc.append(encoder_rate(model, x_batches))
             t = time.perf_counter()
-            FeatureReport.build(run, max_tokens=n, batch_size=a.batch, device="cpu", progress=False)
+            FeatureReport.build(run, max_tokens=n, batch_tokens=a.batch, device="cpu", progress=False)
             full.append(n / (time.perf_counter() - t))
         print(json.dumps({"tokens": n, "n_latents": model.n_latents, "encoder_tok_s": round(max(enc)),
                           "top_activation_pass_tok_s": round(max(full))}))

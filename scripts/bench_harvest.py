@@ -66,7 +66,7 @@ def local_tokenizer():
 
 def bare_forward_rate(h: Harvester, n_batches: int) -> float:
     """Early-stopped forward alone over pre-tokenized windows: the ceiling for harvesting."""
-    batches = [b for _, b in zip(range(n_batches + 1), _batches(h.windows(), h.cfg.batch_size))]
+    batches = [b for _, b in zip(range(n_batches + 1), _batches(h.windows(), h.cfg.batch_sequences))]
     mask = torch.ones_like(batches[0], device=h.device)
     h.capture(batches[0].to(h.device), mask)  # warm-up
     sync(h.device)
@@ -79,8 +79,8 @@ def bare_forward_rate(h: Harvester, n_batches: int) -> float:
 
 def harvest_rate(cfg: HarvestConfig) -> tuple[float, int]:
     h = Harvester(cfg)
-    h.capture(next(_batches(h.windows(), cfg.batch_size)).to(h.device),
-              torch.ones(cfg.batch_size, cfg.context_size, dtype=torch.long, device=h.device))  # warm-up
+    h.capture(next(_batches(h.windows(), cfg.batch_sequences)).to(h.device),
+              torch.ones(cfg.batch_sequences, cfg.context_size, dtype=torch.long, device=h.device))  # warm-up
     t = time.perf_counter()
     h.run()
     sync(h.device)
@@ -108,7 +108,7 @@ def main():
         if a.gpt2_shape:
             a.model = gpt2_shape_model(tmp)
         cfg = lambda i: HarvestConfig(out=str(tmp / f"store{i}"), model=a.model, hooks=[a.hook],  # noqa: E731
-                                      context_size=a.ctx, batch_size=a.batch, shard_sequences=a.batch * 8,
+                                      context_size=a.ctx, batch_sequences=a.batch, shard_sequences=a.batch * 8,
                                       max_tokens=a.tokens, device=str(device), model_dtype=a.model_dtype,
                                       dtype=a.dtype, progress=False)
         fwd, hv = [], []

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
-from saekit.autoencoders import build
+from saekit.autoencoders import REGISTRY, AutoencoderConfig, KernelOptions, build
 from saekit.autoencoders.kernels import resolve_topk_method
-from saekit.config import ModelConfig
 
 
 # Issue 6's H100 goals (tokens/s) for the two named shapes (d, n, k, batch): 6x and 5x SAELens.
@@ -48,10 +48,11 @@ def matmul_rate(B: int, d: int, n: int, device, dtype) -> float:
 class Stepper:
     """One model + optimizer; ``step()`` runs a full training step and returns its seconds."""
 
-    def __init__(self, kind: str, cfg: ModelConfig, d: int, x, dead, autocast_dtype, seed: int = 0,
-                 compile: bool = False):
+    def __init__(self, cfg: AutoencoderConfig, d: int, x, dead, autocast_dtype, seed: int = 0,
+                 compile: bool = False, kernels: KernelOptions = KernelOptions()):
         torch.manual_seed(seed)
-        self.model = build(kind, d, cfg).to(x.device)
+        self.model = build(cfg, d).to(x.device)
+        self.model.use_kernels(kernels)
         self.model.set_dead_mask(dead)
         self.forward = torch.compile(self.model) if compile else self.model
         self.x, self.autocast_dtype = x, autocast_dtype
@@ -106,29 +107,24 @@ def main() -> None:
     dead[torch.randperm(args.n, generator=gen)[: int(args.dead * args.n)]] = True
     dead = dead.to(device)
 
-    cfg = dict(n_latents=args.n, k=args.k)
+    topk = AutoencoderConfig.for_kind("topk", n_latents=args.n, k=args.k)
+    fast = KernelOptions(chunk_tokens=args.chunk, topk_method=resolve_topk_method(args.topk, device))
+    common = (args.d, x, dead, autocast_dtype)
     steppers = {}
     if not args.no_naive:
-        steppers["naive topk"] = Stepper("topk", ModelConfig(kind="topk", fast_path=False, **cfg), args.d, x,
-                                         dead, autocast_dtype)
-    cfg["topk_method"] = resolve_topk_method(args.topk, device)
-    steppers["saekit topk"] = Stepper("topk", ModelConfig(kind="topk", chunk_tokens=args.chunk, **cfg),
-                                      args.d, x, dead, autocast_dtype)
+        steppers["naive topk"] = Stepper(topk, *common, kernels=KernelOptions(fast_path=False))
+    steppers["saekit topk"] = Stepper(topk, *common, kernels=fast)
     if args.compare_topk:
-        other = "torch" if cfg["topk_method"] == "two_stage" else "two_stage"
-        steppers[f"saekit topk {other}"] = Stepper(
-            "topk", ModelConfig(kind="topk", chunk_tokens=args.chunk, **{**cfg, "topk_method": other}),
-            args.d, x, dead, autocast_dtype)
+        other = "torch" if fast.topk_method == "two_stage" else "two_stage"
+        steppers[f"saekit topk {other}"] = Stepper(topk, *common, kernels=replace(fast, topk_method=other))
     if args.triton:
-        steppers["saekit topk triton"] = Stepper(
-            "topk", ModelConfig(kind="topk", chunk_tokens=args.chunk, sparse_kernels="triton", **cfg),
-            args.d, x, dead, autocast_dtype)
+        steppers["saekit topk triton"] = Stepper(topk, *common, kernels=replace(fast, backend="triton"))
     if args.compile:
-        steppers["saekit topk compile"] = Stepper("topk", ModelConfig(kind="topk", chunk_tokens=args.chunk, **cfg),
-                                                  args.d, x, dead, autocast_dtype, compile=True)
+        steppers["saekit topk compile"] = Stepper(topk, *common, compile=True, kernels=fast)
     for kind in filter(None, args.kinds.split(",")):
-        steppers[f"saekit {kind}"] = Stepper(kind, ModelConfig(kind=kind, n_latents=args.n, k=args.k), args.d, x,
-                                             dead, autocast_dtype)
+        has_k = "k" in REGISTRY[kind].config.__dataclass_fields__
+        cfg = AutoencoderConfig.for_kind(kind, n_latents=args.n, **({"k": args.k} if has_k else {}))
+        steppers[f"saekit {kind}"] = Stepper(cfg, *common)
 
     peak = {}
     for name, s in steppers.items():  # one step alone each, for its peak memory (GPU only)
@@ -148,7 +144,7 @@ def main() -> None:
     rate = matmul_rate(args.batch, args.d, args.n, device, torch.bfloat16 if autocast_dtype else torch.float32)
     ceiling = rate / (2 * args.d * args.n)
     print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, d={args.d} n={args.n} k={args.k} "
-          f"batch={args.batch}, saekit topk selects by {cfg['topk_method']}, "
+          f"batch={args.batch}, saekit topk selects by {fast.topk_method}, "
           f"{args.dead:.0%} dead (AuxK on), {args.steps} timed steps (median)")
     print(f"matmul rate {rate / 1e9:.1f} GFLOP/s -> ceiling {ceiling / 1e3:.1f}k tok/s (2*d*n FLOP/token)")
     print(f"{'impl':<22}{'ms/step':>10}{'tok/s':>12}{'of ceiling':>12}{'peak GiB':>10}")

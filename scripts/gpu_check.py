@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from saekit.autoencoders.kernels import topk_sae_fast, topk_sae_naive  # noqa: E402
+from saekit.autoencoders.kernels import KernelOptions, SAEWeights, topk_sae_fast, topk_sae_naive  # noqa: E402
 
 
 def _loss(r, x):
@@ -44,7 +44,8 @@ def correctness(device="cuda", B=1024, d=256, n=4096, k=32, auxk_k=128, dead_fra
     def run(fn, device, dtype, backend="torch", chunk=0):
         p = {name: t.detach().to(device, dtype, copy=True).requires_grad_() for name, t in params.items()}
         xs = x.to(device, dtype)
-        r = fn(xs, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], k, dead.to(device), auxk_k, chunk, backend)
+        w = SAEWeights(p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"])
+        r = fn(xs, w, k, dead.to(device), auxk_k, KernelOptions(chunk_tokens=chunk, backend=backend))
         _loss(r, xs).backward()
         out = {"xhat": r.xhat_BD, "ehat": r.ehat_BD, **{f"grad {n_}": t.grad for n_, t in p.items()}}
         return {name: t.detach().double().cpu() for name, t in out.items()}

@@ -21,10 +21,19 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from saekit.autoencoders.base import REGISTRY, Autoencoder, Output  # noqa: E402
-from saekit.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+from saekit.autoencoders.base import REGISTRY, Autoencoder, AutoencoderConfig, Output  # noqa: E402
+from saekit.autoencoders.base import register as register_family  # noqa: E402
+from saekit.config import DataConfig, TrainConfig  # noqa: E402
 
 TOY_KIND = "toy_relu_test"
+
+
+@dataclass
+class ToyConfig(AutoencoderConfig):
+    l1_coefficient: float = 1e-3
+    noise_level: float = 0.1  # input dropout in training (draws random numbers every step)
 
 
 class ToyReLU(Autoencoder):
@@ -34,7 +43,7 @@ class ToyReLU(Autoencoder):
     kill_at_forward: int | None = None  # SIGKILL the process in this many-th forward (mid-step crash)
     forwards = 0
 
-    def __init__(self, d_in: int, cfg: ModelConfig):
+    def __init__(self, d_in: int, cfg: ToyConfig):
         super().__init__(d_in, cfg)
         n = cfg.n_latents
         self.W_enc = nn.Parameter(torch.randn(d_in, n) / d_in ** 0.5)
@@ -74,7 +83,7 @@ class ToyReLU(Autoencoder):
 
 
 def register() -> None:
-    REGISTRY[TOY_KIND] = ToyReLU
+    register_family(TOY_KIND, ToyConfig)(ToyReLU)
 
 
 def unregister() -> None:
@@ -126,14 +135,19 @@ class SyntheticBatches:
         self.i = state["i"]
 
 
-def toy_config(out, total_tokens=1024, batch=64, checkpoint_every=0, n_latents=48,
+def toy_config(out, total_tokens=1024, batch=64, checkpoint_every=0, n_latents=48, kind=TOY_KIND,
                **overrides) -> TrainConfig:
-    model = ModelConfig(kind=TOY_KIND, n_latents=n_latents, l1_coefficient=1e-3, noise_level=0.1,
-                        dead_tokens=256)
-    cfg = TrainConfig(out=str(out), data=DataConfig(batch_size=batch), model=model,
-                      total_tokens=total_tokens, lr=3e-3, warmup_tokens=128, sparsity_warmup_tokens=256,
+    """The toy run's TrainConfig; ``kind`` another registered family (with k=4 where it has a k)."""
+    if kind == TOY_KIND:
+        model = ToyConfig(n_latents=n_latents)
+    else:
+        config = REGISTRY[kind].config
+        fields = {"k": 4} if "k" in config.__dataclass_fields__ else {}
+        model = config(n_latents=n_latents, **fields)
+    cfg = TrainConfig(out=str(out), data=DataConfig(batch_tokens=batch), model=model, dead_after_tokens=256,
+                      total_tokens=total_tokens, lr=3e-3, lr_warmup_tokens=128, sparsity_warmup_tokens=256,
                       checkpoint_every_tokens=checkpoint_every,
-                      dead_window_tokens=512, log_every=2, progress=False, device="cpu")
+                      dead_window_tokens=512, log_every_steps=2, progress=False, device="cpu")
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -157,8 +171,9 @@ def main() -> None:
     from saekit.training import train
 
     ToyReLU.kill_at_forward = args.kill_at_step
-    cfg = toy_config(args.out, args.total_tokens, args.batch, args.checkpoint_every)
-    cfg.model.noise_level, cfg.model.kind, cfg.model.k = args.noise, args.kind, 4
+    cfg = toy_config(args.out, args.total_tokens, args.batch, args.checkpoint_every, kind=args.kind)
+    if args.kind == TOY_KIND:
+        cfg.model.noise_level = args.noise
     data = SyntheticBatches(batch=args.batch, rank=rank, world_size=world, kill_at=args.kill_at_batch)
     train(cfg, data=data)
 

@@ -18,16 +18,17 @@ import pytest
 @pytest.fixture(scope="session")
 def minilm_run(tmp_path_factory):
     """A small real pipeline on the built-in model: a 6k-token store and a TopK SAE trained on it."""
-    from saekit.config import DataConfig, HarvestConfig, ModelConfig, TrainConfig
+    from saekit.autoencoders import TopKConfig
+    from saekit.config import DataConfig, HarvestConfig, TrainConfig
     from saekit.harvest import harvest
     from saekit.training import train
 
     root = tmp_path_factory.mktemp("minilm_run")
-    store = harvest(HarvestConfig(out=str(root / "store"), max_tokens=6000, batch_size=8, shard_sequences=16,
+    store = harvest(HarvestConfig(out=str(root / "store"), max_tokens=6000, batch_sequences=8, shard_sequences=16,
                                   context_size=64, progress=False))
     run = train(TrainConfig(out=str(root / "topk"), total_tokens=20000, progress=False, lr=2e-3,
-                            data=DataConfig(store=str(store), batch_size=256, heldout_tokens=1000),
-                            model=ModelConfig(kind="topk", n_latents=256, k=8)))
+                            data=DataConfig(store=str(store), batch_tokens=256, heldout_tokens=1000),
+                            model=TopKConfig(n_latents=256, k=8)))
     return run
 
 

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from saekit.autoencoders import build
+from saekit.autoencoders import AutoencoderConfig, build
 from saekit.autoencoders.base import Autoencoder
-from saekit.config import ModelConfig
+from saekit.errors import UserError
 
 CLASSICAL = ["linear", "autoencoder", "denoising", "contractive", "pca"]
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make(kind: str, d: int = 8, **fields) -> Autoencoder:
     fields.setdefault("n_latents", 4)
-    return build(kind, d, ModelConfig(kind=kind, **fields))
+    return build(AutoencoderConfig.for_kind(kind, **fields), d)
 
 
 def correlated_gaussian(n: int, spectrum: list[float], seed: int = 0, offset: float = 0.0):
@@ -71,7 +71,9 @@ def test_shapes_and_mse_definition(kind):
 @pytest.mark.parametrize("kind", CLASSICAL)
 def test_save_load_round_trip(kind, tmp_path):
     x = torch.randn(16, 8) * 3 + 1
-    model = fitted(kind, x, hidden=[] if kind == "contractive" else [6], activation="tanh")
+    shape = {"autoencoder": dict(hidden=[6], activation="tanh"), "denoising": dict(hidden=[6], activation="tanh"),
+             "contractive": dict(activation="tanh")}.get(kind, {})
+    model = fitted(kind, x, **shape)
     model.input_scale.fill_(0.37)
     model.save(tmp_path)
     loaded = Autoencoder.load(tmp_path)
@@ -118,7 +120,7 @@ def test_unknown_choices_name_the_nearest():
         make("autoencoder", activation="tahn")
     with pytest.raises(ValueError, match="did you mean 'mask'"):
         make("denoising", noise="masks")
-    with pytest.raises(ValueError, match="one hidden layer"):
+    with pytest.raises(ValueError, match="'hidden' does not apply to kind 'contractive'.*autoencoder, denoising"):
         make("contractive", hidden=[4])
     with pytest.raises(ValueError, match="n_latents"):
         make("pca", d=3, n_latents=4)
@@ -149,7 +151,7 @@ def test_pca_max_tokens_and_sign_convention():
     assert a.n_tokens.item() == 500
     torch.testing.assert_close(a.components, b.components)
     torch.testing.assert_close(a.mean, b.mean)
-    with pytest.raises(ValueError, match="at least 2 rows"):
+    with pytest.raises(UserError, match="at least 2 training rows"):
         make("pca", 6).fit_stream([])
 
 

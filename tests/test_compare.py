@@ -7,8 +7,8 @@ import yaml
 
 from saekit.cli import main as cli_main
 from saekit.config import ConfigError
-from saekit.evaluation.compare import CompareConfig, compare, pareto_front, plan
-from test_evaluation_support import HOOK, save_tiny, write_corpus
+from saekit.compare import CompareConfig, compare, pareto_front, plan
+from support import HOOK, save_tiny, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +19,12 @@ def config(tmp_path_factory):
         "out": str(root / "out"),
         "store": str(root / "store"),  # missing: compare harvests it
         "harvest": {"model": str(model_dir), "dataset": str(write_corpus(root / "corpus.txt")),
-                    "hooks": [HOOK], "context_size": 32, "max_tokens": 2500, "batch_size": 8,
+                    "hooks": [HOOK], "context_size": 32, "max_tokens": 2500, "batch_sequences": 8,
                     "shard_sequences": 32, "device": "cpu", "progress": False},
-        "train": {"total_tokens": 1024, "device": "cpu", "log_every": 2,
-                  "data": {"hook": HOOK, "batch_size": 256, "buffer_tokens": 1024, "heldout_tokens": 800},
+        "train": {"total_tokens": 1024, "device": "cpu", "log_every_steps": 2,
+                  "data": {"hook": HOOK, "batch_tokens": 256, "buffer_tokens": 1024, "heldout_tokens": 800},
                   "model": {"n_latents": 64}},
-        "eval": {"downstream_sequences": 4, "probe": True, "probe_tokens": 600, "samples": 200,
+        "eval": {"downstream_sequences": 4, "probe": True, "probe_tokens": 600, "rbm_samples": 200,
                  "gibbs_steps": 20, "device": "cpu"},
         "models": [
             {"name": "topk", "model": {"kind": "topk"}, "sweep": {"model.k": [4, 8]}},
@@ -89,6 +89,10 @@ def test_plan_sweeps_and_errors(config):
         plan(from_dict(CompareConfig, twice))
     with pytest.raises(ConfigError, match="did you mean 'models'"):
         from_dict(CompareConfig, {"model": []})
+    # The shared train section is checked per entry, as that entry's kind.
+    shared_k = dict(cfg, train={**cfg["train"], "model": {"n_latents": 64, "k": 4}})
+    with pytest.raises(ConfigError, match=r"models\[1\] \(pca\).*'model.k' does not apply to kind 'pca'"):
+        plan(from_dict(CompareConfig, shared_k))
 
 
 def test_pareto_front():

@@ -215,7 +215,7 @@ def test_sigkill_and_resume_gives_identical_files(tmp_path):
     #    (renames: shard 1, manifest, shard 2)
     rc, err = run(store, "before", 3)
     assert rc == -signal.SIGKILL, err
-    assert (store / "shard_00002.safetensors.tmp").exists()
+    assert (store / "shard_00002.tmp.safetensors").exists()
     # 3) resumed, then killed from outside at whatever moment it has reached
     p = launch(store, "slow")
     deadline = time.time() + 60

@@ -27,6 +27,13 @@ def test_stdlib_docstrings_fixed_order():
     assert sorted(everything) == sorted(in_file_order) and everything != in_file_order
 
 
+def test_stdlib_source_yields_whole_python_files():
+    """The larger, code-heavy built-in corpus: one document per standard-library file, in file order."""
+    first = list(itertools.islice(iter_texts("builtin:stdlib-source"), 3))
+    assert first == [f.read_text(encoding="utf-8", errors="replace").strip() for f in stdlib_files()[:3]]
+    assert any("def " in doc or "import " in doc for doc in first)
+
+
 def test_unknown_builtin():
     with pytest.raises(ValueError, match="builtin:stdlib-docstrings"):
         next(iter_texts("builtin:nope"))

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from saekit.autoencoders import build
-from saekit.config import ModelConfig
+from saekit.autoencoders import AutoencoderConfig
 from saekit.evaluation.downstream import (ce_loss_recovered, downstream_metrics, embedding_recovered,
                                          fraction_recovered, mean_activation, splice_positions)
 from saekit.lm import load_lm
-from test_evaluation_support import HOOK, corpus, save_tiny
+from support import HOOK, corpus, save_tiny
 
 FAMILIES = ["gpt2", "bert"]
 
@@ -33,7 +33,7 @@ def _tokens(lm, n=6, ctx=24):
 
 def _sae(d=64, kind="topk"):
     torch.manual_seed(0)
-    return build(kind, d, ModelConfig(kind=kind, n_latents=128, k=8))
+    return build(AutoencoderConfig.for_kind(kind, n_latents=128, k=8), d)
 
 
 def test_recovered_formula():

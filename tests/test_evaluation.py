@@ -4,19 +4,20 @@ import json
 import pytest
 import torch
 
-from saekit.autoencoders import Autoencoder, build
+from saekit.analysis import token_scores, worst_contexts
+from saekit.autoencoders import Autoencoder, AutoencoderConfig, KernelOptions, RBMConfig, TopKConfig, build
 from saekit.cli import main as cli_main
-from saekit.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from saekit.config import DataConfig, EvalConfig, TrainConfig
 from saekit.data.store import StoreReader
-from saekit.evaluation import evaluate_run, worst_contexts
-from saekit.evaluation.anomaly import token_scores
+from saekit.evaluation import evaluate_run
 from saekit.evaluation.evaluate import heldout_sequences
-from saekit.evaluation.metrics import evaluate as metrics_evaluate
+from saekit.metrics import evaluate as metrics_evaluate
 from saekit.evaluation.probe import continues_word, train_probe
 from saekit.evaluation.sampling import moment_errors, rbm_moment_check
 from saekit.lm import load_lm
+from saekit.schema import from_dict
 from saekit.training import train
-from test_evaluation_support import HOOK, harvest_store, save_tiny, write_corpus
+from support import HOOK, harvest_store, save_tiny, write_corpus
 
 N_ROWS, HELDOUT = 3000, 1000
 
@@ -26,10 +27,10 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     model_dir = save_tiny("gpt2", root / "gpt2")
     store = harvest_store(model_dir, root / "store", write_corpus(root / "corpus.txt"), max_tokens=N_ROWS)
-    cfg = TrainConfig(out=str(root / "run"), total_tokens=2048, progress=False, device="cpu", log_every=4,
-                      data=DataConfig(store=str(store), hook=HOOK, batch_size=256, buffer_tokens=1024,
+    cfg = TrainConfig(out=str(root / "run"), total_tokens=2048, progress=False, device="cpu", log_every_steps=4,
+                      data=DataConfig(store=str(store), hook=HOOK, batch_tokens=256, buffer_tokens=1024,
                                       heldout_tokens=HELDOUT),
-                      model=ModelConfig(kind="topk", n_latents=128, k=8))
+                      model=TopKConfig(n_latents=128, k=8))
     return {"dir": train(cfg), "store": store, "model_dir": model_dir}
 
 
@@ -165,12 +166,12 @@ def test_rbm_gibbs_samples_approach_the_data_moments(tmp_path):
             yield torch.randn(n, 3, generator=g) @ mix + mu + 0.5 * torch.randn(n, d, generator=g)
 
     cfg = TrainConfig(out=str(tmp_path / "rbm"), total_tokens=256 * 250, lr=3e-3, progress=False,
-                      device="cpu", log_every=50,
-                      model=ModelConfig(kind="rbm", n_latents=24, persistent=True))
+                      device="cpu", log_every_steps=50,
+                      model=RBMConfig(n_latents=24, persistent=True))
     model = Autoencoder.load(train(cfg, data=batches()) / "model")
     data = next(batches(4000))
     res = rbm_moment_check(model, data, n_samples=800, steps=100)
-    untrained = build("rbm", d, cfg.model)
+    untrained = build(cfg.model, d)
     untrained.input_scale.copy_(model.input_scale)
     before = rbm_moment_check(untrained, data, n_samples=800, steps=100)
     assert res["cov_error"] < res["cov_error_start"] and res["cov_error"] < 0.75 * before["cov_error"]
@@ -184,7 +185,8 @@ def test_fast_path_reaches_the_naive_heldout_fvu_on_minilm(minilm_run, tmp_path)
     cfg = json.loads((minilm_run / "config.json").read_text())
     naive = train(TrainConfig(out=str(tmp_path / "naive"), total_tokens=cfg["total_tokens"], progress=False,
                               lr=cfg["lr"], data=DataConfig(**cfg["data"]),
-                              model=ModelConfig(**{**cfg["model"], "fast_path": False})))
+                              model=from_dict(AutoencoderConfig, cfg["model"]),
+                              kernels=KernelOptions(fast_path=False)))
     fvu = {}
     for name, run in (("fast", minilm_run), ("naive", naive)):
         result = evaluate_run(EvalConfig(run=str(run), downstream=False, out=str(tmp_path / f"{name}.json")))

@@ -18,7 +18,7 @@ from saekit.lm import UnknownHookError, load_lm, make_capture
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
-SMALL = ["--hooks", ",".join(HOOKS), "--max_tokens", "3000", "--batch_size", "4", "--shard_sequences", "4",
+SMALL = ["--hooks", ",".join(HOOKS), "--max_tokens", "3000", "--batch_sequences", "4", "--shard_sequences", "4",
          "--context_size", "64", "--progress", "false"]
 
 
@@ -82,7 +82,7 @@ def test_kill_9_and_resume_gives_the_uninterrupted_store(reference_store, tmp_pa
 
 
 def test_changed_config_refuses_and_names_the_difference(reference_store, tmp_path):
-    cfg = HarvestConfig(out=str(reference_store), hooks=HOOKS, max_tokens=3000, batch_size=4,
+    cfg = HarvestConfig(out=str(reference_store), hooks=HOOKS, max_tokens=3000, batch_sequences=4,
                         shard_sequences=4, context_size=32, progress=False)
     with pytest.raises(StoreMismatchError, match="context_size"):
         harvest(cfg)
@@ -100,8 +100,8 @@ def test_cli_rejects_unknown_key_with_nearest(capsys, tmp_path):
 
 
 def test_shard_size_must_align_with_batches(tmp_path):
-    with pytest.raises(ConfigError, match="multiple of batch_size"):
-        harvest(HarvestConfig(out=str(tmp_path / "s"), batch_size=3, shard_sequences=4))
+    with pytest.raises(ConfigError, match="multiple of batch_sequences"):
+        HarvestConfig(out=str(tmp_path / "s"), batch_sequences=3, shard_sequences=4)
 
 
 def test_store_of_another_corpus_version_is_not_resumed(reference_store, tmp_path):
@@ -116,7 +116,7 @@ def test_store_of_another_corpus_version_is_not_resumed(reference_store, tmp_pat
     manifest.pop("corpus")  # as an older saekit wrote it
     manifest["complete"] = False
     (old / "manifest.json").write_text(json.dumps(manifest))
-    cfg = HarvestConfig(out=str(old), hooks=HOOKS, max_tokens=3000, batch_size=4, shard_sequences=4,
+    cfg = HarvestConfig(out=str(old), hooks=HOOKS, max_tokens=3000, batch_sequences=4, shard_sequences=4,
                         context_size=64, progress=False)
     with pytest.raises(StoreMismatchError, match="corpus"):
         harvest(cfg)

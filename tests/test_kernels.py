@@ -4,8 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from saekit.autoencoders import kernels
-from saekit.autoencoders.kernels import (LatentMajor, auxk_decode, gather_dots, select_topk,
-                                         sparse_decode, topk_encode, topk_sae_fast, topk_sae_naive)
+from saekit.autoencoders.kernels import (KernelOptions, LatentMajor, SAEWeights, auxk_decode, gather_dots,
+                                         select_topk, sparse_decode, topk_encode, topk_sae_fast,
+                                         topk_sae_naive)
+from saekit.errors import ConfigError
 
 B, D, N, K = 48, 12, 80, 6
 F64 = torch.float64
@@ -21,6 +23,10 @@ def _params(seed=0, requires_grad=True):
     for t in p.values():
         t.requires_grad_(requires_grad)
     return x, p
+
+
+def _w(p) -> SAEWeights:
+    return SAEWeights(p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"])
 
 
 def _close(a, b, what):
@@ -71,8 +77,8 @@ def test_select_topk_two_stage_and_fallback():
     assert torch.equal(select_topk(pre, 8, "two_stage")[0], ref[0])
     assert kernels.resolve_topk_method("auto", torch.device("cuda")) == "two_stage"
     assert kernels.resolve_topk_method("auto", torch.device("cpu")) == "torch"
-    with pytest.raises(ValueError, match="valid: auto, torch, two_stage"):
-        kernels.resolve_topk_method("radix", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="'radix'; did you mean 'auto'.*valid: auto, torch, two_stage"):
+        KernelOptions(topk_method="radix")
 
 
 def test_latent_major_matmul_equals_dense():
@@ -103,8 +109,8 @@ def test_sparse_decode_forward_and_grads():
         _close(a, b, name)
 
 
-def _encode_dense(x, b_dec, W_enc, b_enc, k, cols):
-    pre = torch.addmm(b_enc, x - b_dec, W_enc)
+def _encode_dense(x, w, k, cols):
+    pre = torch.addmm(w.b_enc_N, x - w.b_dec_D, w.W_enc_DN)
     idx, vals = select_topk(pre, k)
     return vals, idx, pre[:, cols] if cols is not None else pre[:, :0]
 
@@ -120,7 +126,7 @@ def test_topk_encode_forward_and_all_grads(with_cols):
     for fn in (topk_encode, _encode_dense):
         for t in [x, *p.values()]:
             t.grad = None
-        vals, idx, pre_sub = fn(x, p["b_dec"], p["W_enc"], p["b_enc"], K, cols)
+        vals, idx, pre_sub = fn(x, _w(p), K, cols)
         loss = (vals * g_vals).sum() + ((pre_sub * g_pre).sum() if with_cols else 0)
         loss.backward()
         results.append([vals, idx, pre_sub] + [t.grad.clone() for t in (x, p["b_dec"], p["W_enc"], p["b_enc"])])
@@ -146,7 +152,7 @@ def test_fast_topk_sae_matches_naive(n_dead, aux_path, chunk, topk, monkeypatch)
     for impl in (topk_sae_fast, topk_sae_naive):
         for t in p.values():
             t.grad = None
-        r = impl(x, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], K, dead, auxk_k, chunk, "torch", topk)
+        r = impl(x, _w(p), K, dead, auxk_k, KernelOptions(chunk_tokens=chunk, topk_method=topk))
         x_hat = r.xhat_BD + p["b_dec"]
         loss = (x - x_hat).pow(2).sum(-1).mean()
         if n_dead:
@@ -166,11 +172,11 @@ def test_chunked_encoder_holds_one_chunk_of_pre_activations(monkeypatch):
     the unchunked one."""
     x, p = _params(seed=3, requires_grad=False)
     cols = torch.tensor([1, 2, 50])
-    whole = topk_encode(x, p["b_dec"], p["W_enc"], p["b_enc"], K, cols)
+    whole = topk_encode(x, _w(p), K, cols)
     monkeypatch.setattr(kernels, "PRE_CHUNK_ELEMENTS", 10 * N)
     monkeypatch.setattr(kernels._workspace, "pre", None, raising=False)
     assert kernels.chunk_rows(B, N) == 10
-    chunked = topk_encode(x, p["b_dec"], p["W_enc"], p["b_enc"], K, cols)
+    chunked = topk_encode(x, _w(p), K, cols)
     assert kernels._workspace.pre.numel() == 10 * N
     assert torch.equal(whole[1], chunked[1])
     for a, b in zip(whole, chunked):
@@ -245,7 +251,7 @@ def test_fast_topk_sae_triton_backend_matches_naive(n_dead, monkeypatch):
         for t in [x, *p.values()]:
             t.grad = None
         fn = topk_sae_naive if impl == "naive" else topk_sae_fast
-        r = fn(x, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], K, dead, 4, 7, impl)
+        r = fn(x, _w(p), K, dead, 4, KernelOptions(chunk_tokens=7, backend="triton"))
         loss = (x - r.xhat_BD - p["b_dec"]).pow(2).sum() + (r.ehat_BD.pow(2).sum() if n_dead else 0)
         loss.backward()
         outs = [r.xhat_BD] + ([r.ehat_BD] if n_dead else [])
@@ -255,11 +261,8 @@ def test_fast_topk_sae_triton_backend_matches_naive(n_dead, monkeypatch):
 
 
 def test_unknown_or_missing_backend_is_a_clear_error():
-    from saekit.autoencoders import build
-    from saekit.config import ModelConfig
-
-    with pytest.raises(ValueError, match="valid: torch, triton"):
-        build("topk", D, ModelConfig(kind="topk", n_latents=N, k=K, sparse_kernels="cuda"))
+    with pytest.raises(ConfigError, match="config key 'backend' is 'cuda'.*valid: torch, triton"):
+        KernelOptions(backend="cuda")
 
 
 def test_triton_backend_falls_back_to_torch_off_cuda(monkeypatch):
@@ -274,6 +277,6 @@ def test_workspace_made_in_inference_mode_is_replaced_outside_it(monkeypatch):
     x, p = _params(seed=7, requires_grad=False)
     monkeypatch.setattr(kernels._workspace, "pre", None, raising=False)  # made fresh, inside
     with torch.inference_mode():
-        inside = topk_encode(x, p["b_dec"], p["W_enc"], p["b_enc"], K)
-    outside = topk_encode(x, p["b_dec"], p["W_enc"], p["b_enc"], K)  # raised before the fix
+        inside = topk_encode(x, _w(p), K)
+    outside = topk_encode(x, _w(p), K)  # raised before the fix
     assert torch.equal(inside[1], outside[1])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from saekit.autoencoders.base import Output
-from saekit.evaluation.metrics import (FiringStats, Metrics, ReconstructionStats, density_histogram,
+from saekit.metrics import (FiringStats, Metrics, ReconstructionStats, density_histogram,
                                        fvu)
 
 
@@ -102,10 +102,9 @@ def test_merge_and_tensor_roundtrip_equal_one_pass():
     for key, value in whole.compute().items():
         assert merged.compute()[key] == pytest.approx(value, rel=1e-12)
 
-    f1, f2 = FiringStats(40), FiringStats(40)
+    f1 = FiringStats(40)
     f1.update((code[:500] != 0).sum(0), (code[:500] != 0).sum(1))
-    f2.update((code[500:] != 0).sum(0), (code[500:] != 0).sum(1))
-    f1.merge(f2)
+    f1.add_counts((code[500:] != 0).sum(0), (code[500:] != 0).sum(), 500)  # another rank's sums
     assert f1.n == 1000 and torch.equal(f1.fire_counts, (code != 0).sum(0))
 
 
@@ -122,7 +121,7 @@ def test_density_histogram():
 
 
 def test_evaluate_runs_a_model_in_eval_mode():
-    from saekit.evaluation.metrics import evaluate
+    from saekit.metrics import evaluate
 
     class Mean(torch.nn.Module):
         n_latents = 3

@@ -7,7 +7,7 @@ import torch
 
 from saekit.autoencoders import build
 from saekit.autoencoders.base import Autoencoder
-from saekit.config import ModelConfig
+from saekit.autoencoders import RBMConfig
 
 PATTERNS = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1], [1, 1, 0, 0, 1, 1], [1, 0, 1, 0, 1, 0]],
                         dtype=torch.float64)
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(d: int, n: int, visible: str, **fields):
-    return build("rbm", d, ModelConfig(kind="rbm", n_latents=n, visible=visible, **fields)).double()
+    return build(RBMConfig(n_latents=n, visible=visible, **fields), d).double()
 
 
 def randomize(model, scale: float = 1.0):
@@ -135,7 +135,7 @@ def train(model, data, steps, lr, batch=None):
 def test_exact_log_likelihood_rises_with_training(persistent):
     torch.manual_seed(0)
     data = PATTERNS.repeat(8, 1)
-    model = make(6, 4, "bernoulli", cd_k=1, persistent=persistent)
+    model = make(6, 4, "bernoulli", cd_steps=1, persistent=persistent)
     model.init_from_data(data)
     lls = [exact_log_likelihood(model, data)]
     for _ in range(3):
@@ -163,7 +163,7 @@ def test_gaussian_rbm_learns_a_correlated_gaussian():
 @pytest.mark.parametrize("visible", ["bernoulli", "gaussian"])
 def test_cd_loss_gradient_is_the_cd_update(visible):
     torch.manual_seed(0)
-    model = randomize(make(6, 4, visible, cd_k=2))
+    model = randomize(make(6, 4, visible, cd_steps=2))
     v = PATTERNS.repeat(3, 1) if visible == "bernoulli" else torch.randn(12, 6, dtype=torch.float64)
     out = model(v)
     assert set(out.losses) == {"cd", "mse"}
@@ -214,11 +214,11 @@ def test_persistent_chains_carry_over_train_steps_only():
 @pytest.mark.parametrize("visible", ["bernoulli", "gaussian"])
 def test_save_load_round_trip(visible, tmp_path):
     torch.manual_seed(0)
-    model = randomize(make(6, 4, visible, persistent=True, cd_k=3)).float()
+    model = randomize(make(6, 4, visible, persistent=True, cd_steps=3)).float()
     model.input_scale.fill_(0.3)
     model.save(tmp_path)
     loaded = Autoencoder.load(tmp_path)
-    assert loaded.visible == visible and loaded.cfg.cd_k == 3 and loaded.cfg.persistent
+    assert loaded.visible == visible and loaded.cfg.cd_steps == 3 and loaded.cfg.persistent
     x = PATTERNS.float()
     model.eval(), loaded.eval()
     torch.manual_seed(1)
@@ -266,5 +266,5 @@ def test_bernoulli_init_from_data_uses_log_odds():
 def test_bad_configs_are_rejected():
     with pytest.raises(ValueError, match="did you mean 'gaussian'"):
         make(3, 2, "gausian")
-    with pytest.raises(ValueError, match="cd_k"):
-        make(3, 2, "bernoulli", cd_k=0)
+    with pytest.raises(ValueError, match="cd_steps"):
+        make(3, 2, "bernoulli", cd_steps=0)

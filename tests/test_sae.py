@@ -2,19 +2,24 @@
 import pytest
 import torch
 
-from saekit.autoencoders import Autoencoder, build
+from saekit.autoencoders import Autoencoder, AutoencoderConfig, KernelOptions, build
 from saekit.autoencoders.kernels import select_topk
-from saekit.config import ModelConfig
+from saekit.errors import ConfigError
 
 D, N, K, B = 16, 64, 4, 32
 KINDS = ["relu", "topk", "batchtopk", "jumprelu"]
 
 
-def make(kind, seed=0, **over):
+# Per-kind test defaults (each family takes only its own keys).
+DEFAULTS = {"relu": {}, "topk": dict(k=K, auxk_latents=6), "batchtopk": dict(k=K, auxk_latents=6),
+            "jumprelu": dict(initial_threshold=0.05)}
+
+
+def make(kind, seed=0, fast_path=True, **over):
     torch.manual_seed(seed)
-    fields = dict(n_latents=N, k=K, auxk_k=6, jumprelu_threshold=0.05) | over
-    cfg = ModelConfig(kind=kind, **fields)
-    return build(kind, D, cfg)
+    model = build(AutoencoderConfig.for_kind(kind, n_latents=N, **(DEFAULTS[kind] | over)), D)
+    model.use_kernels(KernelOptions(fast_path=fast_path))
+    return model
 
 
 def batch(seed=1, n=B):
@@ -168,7 +173,7 @@ def _auxk_by_hand(model, x, dead_ids, batch_topk=False):
             code = torch.zeros_like(pre).scatter(1, idx, vals)
         e = x_n - (code @ model.W_dec + model.b_dec)
         dead = torch.tensor(dead_ids)
-        aux_vals, aux_loc = pre[:, dead].topk(min(model.auxk_k, len(dead_ids)), dim=-1)
+        aux_vals, aux_loc = pre[:, dead].topk(min(model.auxk_latents, len(dead_ids)), dim=-1)
         aux_code = torch.zeros(x.shape[0], N).index_put_(
             (torch.arange(x.shape[0])[:, None], dead[aux_loc]), aux_vals.relu())
         e_hat = aux_code @ model.W_dec
@@ -219,7 +224,7 @@ def test_topk_fast_and_naive_models_agree():
 
 # ------------------------------------------------------------------------------- BatchTopK
 def test_batchtopk_train_budget_and_eval_threshold():
-    model = randomize_(make("batchtopk", batchtopk_threshold_beta=0.5))
+    model = randomize_(make("batchtopk", threshold_beta=0.5))
     x = batch()
     assert model.threshold.item() < 0
     model.eval()
@@ -245,7 +250,7 @@ def test_batchtopk_default_threshold_follows_drifting_activations():
     batches at a new scale (a 600k-token run at batch 1024 has ~590), inference L0 is close to k.
     (With beta 0.999 the stale start keeps a weight of ~0.55 and L0 comes out near 0.1 here.)"""
     model = randomize_(make("batchtopk"))
-    assert model.cfg.batchtopk_threshold_beta <= 0.99
+    assert model.cfg.threshold_beta <= 0.99
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for step in range(650):  # 50 batches at 3x scale (an untrained start), then 600 at the final one
@@ -271,7 +276,7 @@ def test_relu_l1_weights_codes_by_decoder_norms():
 
 # ---------------------------------------------------------------------------------- JumpReLU
 def test_jumprelu_code_and_threshold_gradient():
-    model = randomize_(make("jumprelu", jumprelu_bandwidth=0.5))
+    model = randomize_(make("jumprelu", bandwidth=0.5))
     x = batch()
     out = model(x)
     pre = (x * 0.4 - model.b_dec) @ model.W_enc + model.b_enc
@@ -290,13 +295,13 @@ def test_jumprelu_code_and_threshold_gradient():
 
 def test_jumprelu_default_threshold_is_the_l0_break_even_activation():
     # A latent firing at c removes at most c^2 of squared error (unit decoder row) and costs l0_coefficient.
-    model = make("jumprelu", jumprelu_threshold=None, l0_coefficient=4.0)
+    model = make("jumprelu", initial_threshold=None, l0_coefficient=4.0)
     torch.testing.assert_close(model.threshold, torch.full((N,), 2.0))
-    assert make("jumprelu", jumprelu_threshold=0.3, l0_coefficient=4.0).threshold[0].item() == pytest.approx(0.3)
-    with pytest.raises(ValueError, match="threshold must be positive"):
-        make("jumprelu", jumprelu_threshold=None, l0_coefficient=0.0)
-    defaults = ModelConfig()
-    assert defaults.jumprelu_threshold is None and defaults.jumprelu_bandwidth >= 0.1  # normalized units
+    assert make("jumprelu", initial_threshold=0.3, l0_coefficient=4.0).threshold[0].item() == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="initial_threshold' is needed when l0_coefficient is 0"):
+        make("jumprelu", initial_threshold=None, l0_coefficient=0.0)
+    defaults = AutoencoderConfig.for_kind("jumprelu")
+    assert defaults.initial_threshold is None and defaults.bandwidth >= 0.1  # normalized units
 
 
 def _sparse_data(n_tok, seed, d=D, n_feat=32):
@@ -311,7 +316,7 @@ def test_jumprelu_l0_falls_as_l0_coefficient_rises(one_thread):
     x, x_test = _sparse_data(4096, seed=1), _sparse_data(1024, seed=2)
     l0s = []
     for coef in (0.01, 0.1, 1.0):
-        model = make("jumprelu", l0_coefficient=coef, jumprelu_threshold=0.1, jumprelu_bandwidth=0.2)
+        model = make("jumprelu", l0_coefficient=coef, initial_threshold=0.1, bandwidth=0.2)
         model.input_scale.fill_((D / x.pow(2).sum(-1).mean()).sqrt().item())
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
         gen = torch.Generator().manual_seed(3)
@@ -326,12 +331,11 @@ def test_jumprelu_l0_falls_as_l0_coefficient_rises(one_thread):
 
 
 def test_data_decoder_init_points_rows_at_centered_samples():
-    from saekit.autoencoders import build
-    from saekit.config import ModelConfig
+    from saekit.autoencoders import TopKConfig
 
     torch.manual_seed(0)
     x = torch.randn(100, 16) * 3 + 5
-    model = build("topk", 16, ModelConfig(kind="topk", n_latents=64, k=4))
+    model = build(TopKConfig(n_latents=64, k=4), 16)
     model.input_scale.fill_(0.5)
     center = x.mean(0)
     model.init_from_data(x, center)
@@ -344,7 +348,44 @@ def test_data_decoder_init_points_rows_at_centered_samples():
     sims = rows @ target.T
     assert torch.allclose(sims.max(-1).values, torch.ones(64), atol=1e-5)
     assert len(set(sims.argmax(-1).tolist())) == 64
-    random_init = build("topk", 16, ModelConfig(kind="topk", n_latents=64, k=4, decoder_init="random"))
+    random_init = build(TopKConfig(n_latents=64, k=4, decoder_init="random"), 16)
     before = random_init.W_dec.detach().clone()
     random_init.init_from_data(x, center)
     assert torch.equal(random_init.W_dec.detach(), before)
+
+
+# The flat config every saved model had before the per-family configs (format 1): all fields of all
+# families, with the old names.
+FORMAT_1 = {"kind": "topk", "n_latents": N, "k": K, "l1_coefficient": 5.0, "l0_coefficient": 0.3,
+            "jumprelu_threshold": 0.05, "jumprelu_bandwidth": 0.5, "jumprelu_threshold_lr_scale": 10.0,
+            "decoder_init": "data", "auxk_alpha": 1 / 32, "auxk_k": 6, "dead_tokens": None, "fast_path": True,
+            "chunk_tokens": 0, "sparse_kernels": "torch", "topk_method": "auto", "batchtopk_threshold_beta": 0.9,
+            "hidden": [], "activation": "relu", "noise": "gaussian", "noise_level": 0.1,
+            "contractive_coefficient": 0.1, "visible": "gaussian", "cd_k": 1, "persistent": False}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_models_saved_before_per_family_configs_still_load(kind, tmp_path):
+    import json
+
+    model = randomize_(make(kind, bandwidth=0.5) if kind == "jumprelu" else
+                       make(kind, threshold_beta=0.9) if kind == "batchtopk" else make(kind)).eval()
+    model.save(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["format"] == 2 and meta["model"]["kind"] == kind
+    (tmp_path / "config.json").write_text(json.dumps({"kind": kind, "d_in": D, "model": {**FORMAT_1, "kind": kind}}))
+    loaded = Autoencoder.load(tmp_path).eval()
+    assert loaded.cfg == model.cfg  # renamed keys mapped, other families' keys dropped
+    x = batch()
+    assert torch.equal(loaded(x).x_hat, model(x).x_hat)
+
+
+def test_a_model_config_accepts_only_its_own_keys():
+    with pytest.raises(ConfigError, match="'model.l1_coefficient' does not apply to kind 'topk'.*relu"):
+        from saekit.schema import from_dict
+
+        from_dict(AutoencoderConfig, {"kind": "topk", "l1_coefficient": 5}, where="model.")
+    with pytest.raises(ConfigError, match="'k' is 65, more than n_latents"):
+        AutoencoderConfig.for_kind("batchtopk", n_latents=64, k=65)
+    with pytest.raises(TypeError):
+        build(AutoencoderConfig.for_kind("relu"), D).__class__(D, AutoencoderConfig.for_kind("topk"))

@@ -1,5 +1,5 @@
 """The trainer in one process: run-dir layout, schedules, init, config checks, inf/nan, W&B readback."""
-import importlib.util
+import dataclasses
 import json
 import math
 import struct
@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from saekit.autoencoders import Autoencoder
-from saekit.config import ConfigError
+from saekit.autoencoders.base import register as register_family
+from saekit.errors import ConfigError, UserError
 from saekit.training import NonFiniteLossError, default_lr, train
 from saekit.training import trainer as trainer_module
 from saekit.training.data_stats import geometric_median, input_scale
@@ -22,10 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_check_script():
-    spec = importlib.util.spec_from_file_location("train_check", ROOT / "scripts" / "train_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from support import load_train_check
+
+    return load_train_check()
 
 
 tc = _load_check_script()
@@ -47,7 +47,7 @@ def test_default_lr_and_schedules():
     assert default_lr(16384) == pytest.approx(6e-4)
     assert default_lr(4 * 16384) == pytest.approx(3e-4)
     cfg = tc.toy_config("unused", total_tokens=1000)
-    cfg.warmup_tokens, cfg.decay_start, cfg.sparsity_warmup_tokens = 100, 0.8, 400
+    cfg.lr_warmup_tokens, cfg.lr_decay_start_fraction, cfg.sparsity_warmup_tokens = 100, 0.8, 400
     assert lr_factor(50, cfg) == pytest.approx(0.5)
     assert lr_factor(500, cfg) == 1.0
     assert lr_factor(900, cfg) == pytest.approx(0.5)
@@ -59,14 +59,14 @@ def test_default_lr_and_schedules():
 
 def test_param_groups_carry_the_model_lr_scales():
     from saekit.autoencoders import build
-    from saekit.config import ModelConfig
+    from saekit.autoencoders import AutoencoderConfig
 
-    model = build("jumprelu", 8, ModelConfig(kind="jumprelu", n_latents=16, jumprelu_threshold_lr_scale=10.0))
+    model = build(AutoencoderConfig.for_kind("jumprelu", n_latents=16, threshold_lr_scale=10.0), 8)
     groups = trainer_module.param_groups(model)
     scales = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     assert scales[id(model.log_threshold)] == 10.0 and scales[id(model.W_enc)] == 1.0
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    topk = build("topk", 8, ModelConfig(kind="topk", n_latents=16, k=2))
+    topk = build(AutoencoderConfig.for_kind("topk", n_latents=16, k=2), 8)
     assert [g["lr_scale"] for g in trainer_module.param_groups(topk)] == [1.0]
 
 
@@ -151,10 +151,14 @@ def test_sparse_output_and_mean_bias_init(tmp_path):
             out.code, out.indices, out.values = None, indices, values
             return out
 
-    tc.REGISTRY["sparse_toy_test"] = SparseToy
+    @dataclasses.dataclass
+    class SparseToyConfig(tc.ToyConfig):
+        pass
+
+    register_family("sparse_toy_test", SparseToyConfig)(SparseToy)
     try:
         cfg = tc.toy_config(tmp_path / "run", total_tokens=512, b_dec_init="mean")
-        cfg.model.kind = "sparse_toy_test"
+        cfg.model = SparseToyConfig(n_latents=cfg.model.n_latents)
         out = train(cfg, data=tc.SyntheticBatches(batch=64))
         assert json.loads((out / "metrics.json").read_text())["l0"] <= 4
     finally:
@@ -181,7 +185,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, 
 
 
 def test_non_finite_init_sample_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(UserError, match="non-finite"):
         train(tc.toy_config(tmp_path / "run", total_tokens=512), data=tc.SyntheticBatches(batch=64, bad_at=0))
 
 
@@ -289,12 +293,12 @@ def test_store_loader_resume_after_crash_equals_uninterrupted(tmp_path, store, m
 
 
 def test_command_line_entry_point_trains_from_store(tmp_path, store):
-    """`python -m saekit.training[.distributed] [CONFIG] --key value` (what torchrun launches)."""
-    from saekit.training.distributed import main
+    """`python -m saekit.training [CONFIG] --key value` (what torchrun launches)."""
+    from saekit.training.__main__ import main
 
     path, hook = store
     out = tmp_path / "run"
-    main(["--out", str(out), "--data.store", str(path), "--data.hook", hook, "--data.batch_size", "32",
+    main(["--out", str(out), "--data.store", str(path), "--data.hook", hook, "--data.batch_tokens", "32",
           "--data.buffer_tokens", "128", "--model.kind", "topk", "--model.n_latents", "32", "--model.k", "4",
           "--total_tokens", "256", "--progress", "false", "--device", "cpu"])
     metrics = json.loads((out / "metrics.json").read_text())

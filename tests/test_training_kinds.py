@@ -1,5 +1,4 @@
 """Every registered autoencoder kind trains through the one trainer, saves, loads, and resumes exactly."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,11 +10,10 @@ from safetensors.torch import load_file
 from saekit.autoencoders import REGISTRY, Autoencoder
 from saekit.training import train
 from saekit.training import trainer as trainer_module
+from support import load_train_check
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("train_check", ROOT / "scripts" / "train_check.py")
-tc = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tc)
+tc = load_train_check()
 
 KINDS = sorted(k for k in REGISTRY if "test" not in k)
 
@@ -24,11 +22,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(out, kind):
-    cfg = tc.toy_config(out, total_tokens=1024, batch=64, checkpoint_every=512, n_latents=32)  # 16 steps
-    closed_form = getattr(REGISTRY[kind], "closed_form", False)
-    cfg.model.kind, cfg.model.k, cfg.lr = kind, 4, 1e-3
-    if closed_form:
-        cfg.model.n_latents = 8  # PCA: at most d_in components
+    closed_form = REGISTRY[kind].model.closed_form
+    n_latents = 8 if closed_form else 32  # PCA: at most d_in components
+    cfg = tc.toy_config(out, total_tokens=1024, batch=64, checkpoint_every=512, n_latents=n_latents,
+                        kind=kind)  # 16 steps
+    cfg.lr = 1e-3
     return cfg, closed_form
 
 
@@ -76,11 +74,11 @@ def test_topk_trains_alike_compiled_and_on_triton_kernels(tmp_path, variant):
     runs = {}
     for name in ("eager", variant):
         cfg, _ = config(tmp_path / name, "topk")
-        cfg.checkpoint_every_tokens, cfg.model.dead_tokens, cfg.model.n_latents = 0, 128, 256
+        cfg.checkpoint_every_tokens, cfg.dead_after_tokens, cfg.model.n_latents = 0, 128, 256
         if name == "compile":
             cfg.compile = True
         if name == "triton":
-            cfg.model.sparse_kernels = "triton"
+            cfg.kernels.backend = "triton"
         out = train(cfg, data=tc.SyntheticBatches(batch=64))
         assert json.loads((out / "metrics.json").read_text())["loss/auxk"] > 0  # AuxK ran
         runs[name] = load_file(str(out / "model" / "model.safetensors"))

@@ -7,9 +7,10 @@ the sorting script are inline, histograms are inline SVG.
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from saekit.files import atomic_write, write_json
 
 
 def _e(text) -> str:
@@ -132,7 +133,7 @@ def index_html(cards: list[FeatureCard]) -> str:
 
 
 def anomaly_html(entries: list[dict]) -> str:
-    """The worst-reconstructed tokens (from evaluation.anomaly.worst_contexts), the token highlighted."""
+    """The worst-reconstructed tokens (from anomaly.worst_contexts), the token highlighted."""
     rows = []
     for e in entries:
         ctx = "".join(f'<span class="tok{" center" if i == e["index"] else ""}">{_e(t)}</span>'
@@ -152,10 +153,8 @@ def write_dashboard(cards: list[FeatureCard], path: str | Path, title: str, summ
             + "".join(f"<h2>{_e(t)}</h2>{body}" for t, body in sections)
             + f"<h2>Features</h2>{index_html(cards)}<h2>Cards</h2>"
             + "\n".join(c.html() for c in cards) + "</body></html>")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    (path.parent / "features.json").write_text(json.dumps(
-        [{"latent": c.latent, "density": c.density, "max_act": c.max_act, "mean_act": c.mean_act,
-          "top_tokens": [ex.tokens[ex.center] for ex in c.top]} for c in cards], indent=1))
+    atomic_write(path, page)
+    write_json(path.parent / "features.json",
+               [{"latent": c.latent, "density": c.density, "max_act": c.max_act, "mean_act": c.mean_act,
+                 "top_tokens": [ex.tokens[ex.center] for ex in c.top]} for c in cards], indent=1)
     return path

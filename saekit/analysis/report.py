@@ -6,7 +6,6 @@ and then answers questions cheaply: ``card(latent)`` (shows itself in Jupyter), 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,26 +13,32 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from saekit.analysis.anomaly import worst_contexts
 from saekit.analysis.dashboard import Example, FeatureCard, anomaly_html, write_dashboard
 from saekit.analysis.stats import FeatureStats, FeatureStatsAccumulator
 from saekit.autoencoders import Autoencoder
-from saekit.config import AnalyzeConfig, TrainConfig, from_dict, resolve_device
+from saekit.config import AnalyzeConfig, TrainConfig, resolve_device
 from saekit.data.store import StoreReader
 from saekit.data.tokens import continuation_prefix
+from saekit.errors import UserError
+from saekit.files import read_json
+from saekit.lm import load_manifest_lm, load_manifest_tokenizer, unembedding
+from saekit.schema import from_dict
 
 
 def run_paths(run: str | Path, store: str | None = None) -> tuple[Path, Path, str]:
     """(model dir, store dir, hook) of a training run directory (its config.json is a TrainConfig)."""
     run = Path(run)
-    cfg = from_dict(TrainConfig, json.loads((run / "config.json").read_text()))
+    if not (run / "config.json").exists():
+        raise UserError(f"{run}: not a training run directory (no config.json); pass RUN_DIR of `saekit train`")
+    cfg = from_dict(TrainConfig, read_json(run / "config.json"), where=f"{run}/config.json: ")
     return run / "model", Path(store or cfg.data.store), cfg.data.hook
 
 
 @torch.inference_mode()
 def encode_rows(model: Autoencoder, reader: StoreReader, hook: str, rows: Tensor, batch: int = 4096) -> Tensor:
     """Dense codes [len(rows), n] of the given store rows."""
-    device = next(iter(model.buffers())).device
-    out = [model.encode(reader.activations(hook, rows=rows[i:i + batch]).to(device)).float().cpu()
+    out = [model.encode(reader.activations(hook, rows=rows[i:i + batch]).to(model.device)).float().cpu()
            for i in range(0, len(rows), batch)]
     return torch.cat(out) if out else torch.zeros(0, model.n_latents)
 
@@ -49,23 +54,23 @@ class FeatureReport:
 
     @classmethod
     def build(cls, run: str | Path, store: str | None = None, max_tokens: int | None = None,
-              batch_size: int = 4096, top_k: int = 20, n_sample: int = 50, context: int = 8,
+              batch_tokens: int = 4096, top_examples: int = 20, n_sample: int = 50, context: int = 8,
               device: str = "auto", progress: bool = True) -> "FeatureReport":
         model_dir, store_dir, hook = run_paths(run, store)
         dev = resolve_device(device)
         model = Autoencoder.load(model_dir, device=dev).eval()
         reader = StoreReader(store_dir)
         n = reader.n_rows if max_tokens is None else min(max_tokens, reader.n_rows)
-        acc = FeatureStatsAccumulator(model.n_latents, top_k=top_k, n_sample=n_sample, device=dev)
+        acc = FeatureStatsAccumulator(model.n_latents, top_k=top_examples, n_sample=n_sample, device=dev)
         from tqdm.auto import tqdm
 
         with torch.inference_mode(), tqdm(total=n, unit="tok", unit_scale=True, desc="analyze",
                                           disable=not progress) as bar:
-            for start in range(0, n, batch_size):
-                stop = min(n, start + batch_size)
+            for start in range(0, n, batch_tokens):
+                stop = min(n, start + batch_tokens)
                 x = reader.activations(hook, rows=(start, stop)).to(dev)
                 rows = torch.arange(start, stop, device=dev)
-                if hasattr(model, "encode_sparse"):  # TopK: stay O(B*k), never form [B, n]
+                if model.sparse_encoder:  # TopK: stay O(B*k), never form [B, n]
                     idx_BK, val_BK = model.encode_sparse(x)
                     b = torch.arange(len(x), device=dev)[:, None].expand_as(idx_BK)
                     nz = val_BK != 0
@@ -78,9 +83,7 @@ class FeatureReport:
     # --- tokens -------------------------------------------------------------------------------------
     @cached_property
     def tokenizer(self):
-        from saekit.evaluation.anomaly import store_tokenizer
-
-        return store_tokenizer(self.reader)
+        return load_manifest_tokenizer(self.reader.manifest)
 
     def token_str(self, ids) -> list[str]:
         return [self._token_strings[int(i)] if int(i) in self._token_strings else self._decode(int(i))
@@ -178,9 +181,7 @@ class FeatureReport:
     @cached_property
     def _lens(self) -> tuple[str, Tensor | None]:
         """(title, [d, vocab] matrix): the unembedding, or for encoders the input embeddings (cosine)."""
-        from saekit.lm import load_lm, unembedding
-
-        lm = load_lm(self.reader.manifest["model"], revision=self.reader.manifest.get("revision"))
+        lm = load_manifest_lm(self.reader.manifest)
         w = unembedding(lm)
         if w is not None:
             return "logit lens", w.detach().float()
@@ -193,9 +194,8 @@ class FeatureReport:
         """[n, d] what each latent adds to the reconstruction, in raw units (exact for linear decoders)."""
         with torch.inference_mode():
             m = self.model
-            device = next(iter(m.buffers())).device
-            eye = torch.eye(m.n_latents, device=device)
-            return (m.decode(eye) - m.decode(torch.zeros(1, m.n_latents, device=device))).float().cpu()
+            eye = torch.eye(m.n_latents, device=m.device)
+            return (m.decode(eye) - m.decode(torch.zeros(1, m.n_latents, device=m.device))).float().cpu()
 
     def lens(self, latent: int, k: int = 8) -> tuple[str, list, list]:
         title, w = self._lens
@@ -230,13 +230,11 @@ class FeatureReport:
                    summary: dict | None = None, worst: int = 0) -> Path:
         cards = self.cards(latents)
         st = self.stats
-        summary = {"store": str(self.reader.directory) if hasattr(self.reader, "directory") else "",
+        summary = {"store": str(self.reader.directory),
                    "hook": self.hook, "tokens analyzed": st.n_tokens, "latents": self.model.n_latents,
                    "never active": f"{float((st.fire_count == 0).float().mean()):.2%}", **(summary or {})}
         sections = []
         if worst:
-            from saekit.evaluation.anomaly import worst_contexts
-
             entries = worst_contexts(self.model, self.reader, self.hook, top=worst,
                                      rows=(0, st.n_tokens), tokenizer=self.tokenizer)
             sections.append((f"Worst-reconstructed tokens (squared error, top {worst})", anomaly_html(entries)))
@@ -244,9 +242,9 @@ class FeatureReport:
 
 
 def analyze_run(cfg: AnalyzeConfig) -> Path:
-    report = FeatureReport.build(cfg.run, cfg.store, cfg.max_tokens, cfg.batch_size, cfg.top_k,
-                                 context=cfg.context, device=cfg.device, progress=cfg.progress)
-    report.quantile_bins = cfg.quantiles
+    report = FeatureReport.build(cfg.run, cfg.store, cfg.max_tokens, cfg.batch_tokens, cfg.top_examples,
+                                 context=cfg.context_tokens, device=cfg.device, progress=cfg.progress)
+    report.quantile_bins = cfg.quantile_bins
     out = Path(cfg.out or Path(cfg.run) / "dashboard")
     return report.write_html(out / "index.html", report.pick_features(cfg.max_features),
-                             title=f"saekit features: {Path(cfg.run).name}", worst=cfg.worst)
+                             title=f"saekit features: {Path(cfg.run).name}", worst=cfg.worst_tokens)

@@ -1,35 +1,105 @@
-"""The one autoencoder interface every family implements.
+"""The one autoencoder interface every family implements, the base of their configs, and the registry.
 
 ``encode(x) -> code``, ``decode(code) -> x_hat``, ``forward(x) -> Output`` and ``save(dir)`` /
 ``load(dir)``. Inputs are always *raw* activations: each model owns an ``input_scale`` buffer that the
 trainer sets once (to bring the mean squared norm of the data to d_in) and that the model applies on the
 way in and undoes on the way out, so a saved model works on raw activations without any folding step,
 and every loss part is computed in the normalized space, independent of the activation scale.
+
+Each family owns a config dataclass beside its model (deriving from ``AutoencoderConfig``, which holds
+the shared fields); ``@register(kind, Config)`` puts the pair in ``REGISTRY``, the one map from a
+``kind`` to (model class, config class). A ``model:`` section of a YAML file is read with the config
+class of its ``kind``.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterable, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from saekit.config import ModelConfig, from_dict
+from saekit.autoencoders.kernels import KernelOptions
+from saekit.errors import ConfigError, UserError
+from saekit.files import atomic_path, read_json, write_json
+from saekit.schema import Section, field_types, from_dict, nearest, to_dict, value
 
-REGISTRY: dict[str, type["Autoencoder"]] = {}
+DEFAULT_KIND = "topk"
+MODEL_FORMAT = 2  # 1 (no "format" key): one flat config of every family's fields
 
 
-def register(kind: str):
+@dataclass
+class AutoencoderConfig(Section):
+    """What every family shares; ``kind`` is the class's tag (written first by ``to_dict``)."""
+
+    n_latents: int = value(6144, ge=1)  # code size: dictionary width, PCA components, hidden units
+
+    # Training settings that lived in the model section before the per-family configs.
+    MOVED: ClassVar[dict[str, str]] = {
+        "fast_path": "the training config's 'kernels.fast_path'",
+        "chunk_tokens": "the training config's 'kernels.chunk_tokens'",
+        "sparse_kernels": "the training config's 'kernels.backend'",
+        "topk_method": "the training config's 'kernels.topk_method'",
+        "dead_tokens": "the training config's 'dead_after_tokens'",
+    }
+
+    @classmethod
+    def for_kind(cls, kind: str, **fields) -> "AutoencoderConfig":
+        """The config of family ``kind``, checked like a YAML ``model:`` section: ``for_kind("topk", k=16)``."""
+        return from_dict(cls, {"kind": kind, **fields})
+
+    @classmethod
+    def section_class(cls, data: dict, where: str) -> type:
+        """The config class of ``data["kind"]`` (popped; default topk, or this class's own kind)."""
+        kind = data.pop("kind", None)
+        if cls.kind is not None:
+            if kind not in (None, cls.kind):
+                raise ConfigError(f"config key '{where}kind' is {kind!r}, but this is a {cls.kind} config")
+            return cls
+        kind = DEFAULT_KIND if kind is None else str(kind)
+        families = registry()
+        if kind not in families:
+            near = nearest(kind, families)
+            raise ConfigError(f"config key '{where}kind': unknown autoencoder kind {kind!r}; did you mean "
+                              f"'{near}'? (valid: {', '.join(sorted(families))})")
+        return families[kind].config
+
+    @classmethod
+    def foreign_key_hint(cls, key: str) -> str | None:
+        owners = sorted(k for k, fam in registry().items() if key in field_types(fam.config))
+        if not owners:
+            return None
+        home = next(c for c in registry()[owners[0]].config.__mro__ if key in c.__dict__.get("__annotations__", {}))
+        return (f"does not apply to kind '{cls.kind}': it belongs to {home.__name__} "
+                f"(kinds that accept it: {', '.join(owners)})")
+
+
+class Family(NamedTuple):
+    model: type["Autoencoder"]
+    config: type[AutoencoderConfig]
+
+
+REGISTRY: dict[str, Family] = {}
+
+
+def register(kind: str, config: type[AutoencoderConfig]):
+    """Class decorator: ``kind`` names the model class and its config class."""
+
     def wrap(cls):
-        cls.kind = kind
-        REGISTRY[kind] = cls
+        cls.kind = config.kind = kind
+        cls.config_class = config
+        REGISTRY[kind] = Family(cls, config)
         return cls
 
     return wrap
+
+
+def registry() -> dict[str, Family]:
+    import saekit.autoencoders  # noqa: F401  (importing the package registers every family)
+
+    return REGISTRY
 
 
 @dataclass
@@ -51,10 +121,6 @@ class Output:
     @property
     def loss(self) -> Tensor:
         return sum(self.losses.values())
-
-    def active(self) -> Tensor:
-        """Boolean [B, n] of nonzero code entries (dense code only)."""
-        return self.code != 0
 
     def nonzero_per_token(self) -> Tensor:
         """[B] number of nonzero code entries per token."""
@@ -79,17 +145,30 @@ class Output:
 
 class Autoencoder(nn.Module):
     kind: ClassVar[str] = "base"
+    config_class: ClassVar[type[AutoencoderConfig]] = AutoencoderConfig
+    # What callers may ask of a family, declared here rather than sniffed:
+    closed_form: ClassVar[bool] = False  # fitted once by fit_stream(batches), not by gradient steps
+    sparse_encoder: ClassVar[bool] = False  # encode_sparse gives (indices, values) without a [B, n] code
+    generative: ClassVar[bool] = False  # sample(n, steps) draws from the model (RBMs)
 
-    def __init__(self, d_in: int, cfg: ModelConfig):
+    def __init__(self, d_in: int, cfg: AutoencoderConfig):
         super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, "
+                            f"got {type(cfg).__name__}")
         self.d_in = d_in
         self.cfg = cfg
+        self.kernels = KernelOptions()
         self.register_buffer("input_scale", torch.ones(()))
 
     # --- the interface ----------------------------------------------------------------------
     @property
     def n_latents(self) -> int:
         return self.cfg.n_latents
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_scale.device  # every model has this buffer, parameters or not (PCA)
 
     def encode(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -100,7 +179,19 @@ class Autoencoder(nn.Module):
     def forward(self, x: Tensor) -> Output:
         raise NotImplementedError
 
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(indices [B, k], values [B, k]) of the active latents; families with ``sparse_encoder``."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse encoder")
+
+    def fit_stream(self, batches: Iterable[Tensor]) -> "Autoencoder":
+        """Fit in closed form from raw-activation batches; families with ``closed_form``."""
+        raise NotImplementedError(f"{type(self).__name__} is trained by gradient steps")
+
     # --- hooks the trainer calls; default no-ops ------------------------------------------------
+    def use_kernels(self, options: KernelOptions) -> None:
+        """How to run the fast path (families without sparse kernels ignore it)."""
+        self.kernels = options
+
     def set_sparsity_scale(self, scale: float) -> None:
         """Warm-up factor in [0, 1] for the sparsity penalty (ReLU+L1, JumpReLU)."""
         self.sparsity_scale = scale
@@ -132,33 +223,39 @@ class Autoencoder(nn.Module):
 
     # --- files ------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        """Weights as safetensors plus a JSON config; atomic (temp file, then rename)."""
+        """Weights as safetensors plus a JSON config, each written atomically (weights first)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        meta = {"kind": self.kind, "d_in": self.d_in, "model": dataclasses.asdict(self.cfg)}
-        tmp_w, tmp_c = directory / "model.safetensors.tmp", directory / "config.json.tmp"
-        save_file(tensors, str(tmp_w))
-        tmp_c.write_text(json.dumps(meta, indent=2))
-        tmp_w.replace(directory / "model.safetensors")
-        tmp_c.replace(directory / "config.json")
+        with atomic_path(directory / "model.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        write_json(directory / "config.json",
+                   {"format": MODEL_FORMAT, "kind": self.kind, "d_in": self.d_in, "model": to_dict(self.cfg)})
 
     @staticmethod
     def load(directory: str | Path, device: str | torch.device = "cpu") -> "Autoencoder":
         directory = Path(directory)
-        meta = json.loads((directory / "config.json").read_text())
-        model = build(meta["kind"], meta["d_in"], from_dict(ModelConfig, meta["model"]))
+        if not (directory / "config.json").exists():
+            raise UserError(f"{directory}: no saved autoencoder here (config.json is missing); pass a model "
+                            "directory such as RUN_DIR/model")
+        meta = read_json(directory / "config.json")
+        model_dict = meta["model"] if meta.get("format") else legacy_config(meta["kind"], meta["model"])
+        cfg = from_dict(AutoencoderConfig, {"kind": meta["kind"], **model_dict}, where=f"{directory}: model.")
+        model = build(cfg, meta["d_in"])
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
         return model.to(device)
 
 
-def build(kind: str, d_in: int, cfg: ModelConfig) -> Autoencoder:
-    import saekit.autoencoders  # noqa: F401  (registers every family)
+def legacy_config(kind: str, flat: dict) -> dict:
+    """A format-1 model config (every family's fields in one flat dict) as ``kind``'s own config."""
+    config = registry()[kind].config
+    out = {config.RENAMED.get(k, k): v for k, v in flat.items() if k != "kind"}
+    return {k: v for k, v in out.items() if k in field_types(config)}
 
-    if kind not in REGISTRY:
-        import difflib
 
-        near = difflib.get_close_matches(kind, list(REGISTRY), n=1, cutoff=0.0)
-        raise ValueError(f"unknown autoencoder kind '{kind}'" + (f"; did you mean '{near[0]}'?" if near else "")
-                         + f" (valid: {', '.join(sorted(REGISTRY))})")
-    return REGISTRY[kind](d_in, cfg)
+def build(cfg: AutoencoderConfig, d_in: int) -> Autoencoder:
+    """A fresh model of ``cfg``'s family for ``d_in``-dimensional activations."""
+    families = registry()
+    if cfg.kind not in families:
+        raise TypeError(f"{type(cfg).__name__} is not a registered autoencoder config")
+    return families[cfg.kind].model(d_in, cfg)

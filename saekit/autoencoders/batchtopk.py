@@ -11,14 +11,16 @@ has set it (threshold < 0) eval falls back to the batch top-k. Decoder rows are 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from saekit.autoencoders.base import Output, register
 from saekit.autoencoders.kernels import auxk_decode
-from saekit.autoencoders.sae import (SparseAutoencoder, auxk_loss, mse, normalize_rows_,
-                                     remove_parallel_grad_)
-from saekit.config import ModelConfig
+from saekit.autoencoders.sae import AuxKConfig, AuxKSAE, auxk_loss
+from saekit.metrics import mse
+from saekit.schema import value
 
 
 def batch_topk(acts_BN: Tensor, k: int) -> Tensor:
@@ -28,12 +30,22 @@ def batch_topk(acts_BN: Tensor, k: int) -> Tensor:
     return torch.zeros_like(flat).scatter(0, idx, vals).view_as(acts_BN)
 
 
-@register("batchtopk")
-class BatchTopKSAE(SparseAutoencoder):
-    """Config: n_latents, k (mean active latents per token), auxk_k, auxk_alpha,
-    batchtopk_threshold_beta (EMA decay of the inference threshold)."""
+@dataclass
+class BatchTopKConfig(AuxKConfig):
+    """AuxKConfig (``k``: mean active latents per token) plus the inference threshold's EMA."""
 
-    def __init__(self, d_in: int, cfg: ModelConfig):
+    # EMA decay of the inference threshold, per training step. 0.99 averages the last ~100 batches:
+    # enough to smooth a per-batch order statistic of k*B values, short enough to follow the drifting
+    # activations of a run of a few hundred steps (0.999 still weighted the first, untrained batches by
+    # ~0.55 after 600 steps, so inference L0 landed far from k).
+    threshold_beta: float = value(0.99, ge=0, lt=1)
+
+    RENAMED = {**AuxKConfig.RENAMED, "batchtopk_threshold_beta": "threshold_beta"}
+
+
+@register("batchtopk", BatchTopKConfig)
+class BatchTopKSAE(AuxKSAE):
+    def __init__(self, d_in: int, cfg: BatchTopKConfig):
         super().__init__(d_in, cfg)
         self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
 
@@ -49,7 +61,7 @@ class BatchTopKSAE(SparseAutoencoder):
         if kept.numel() == 0:
             return
         low = kept.min().to(self.threshold)
-        beta = self.cfg.batchtopk_threshold_beta
+        beta = self.cfg.threshold_beta
         self.threshold.copy_(torch.where(self.threshold < 0, low, beta * self.threshold + (1 - beta) * low))
 
     def encode(self, x: Tensor) -> Tensor:
@@ -65,13 +77,7 @@ class BatchTopKSAE(SparseAutoencoder):
         dead_M = self.dead_ids()
         e_hat_BD = None
         if dead_M is not None:
-            e_hat_BD = auxk_decode(pre_BN.index_select(1, dead_M), dead_M, self.auxk_k, self.W_dec)
+            e_hat_BD = auxk_decode(pre_BN.index_select(1, dead_M), dead_M, self.auxk_latents, self.W_dec)
         losses = {"mse": mse(x_n_BD, x_hat_n_BD),
                   "auxk": auxk_loss(x_n_BD - x_hat_n_BD.detach(), e_hat_BD, self.cfg.auxk_alpha)}
         return Output(x_hat=self.scale_out(x_hat_n_BD), code=code_BN, losses=losses)
-
-    def before_optimizer_step(self) -> None:
-        remove_parallel_grad_(self.W_dec)
-
-    def after_optimizer_step(self) -> None:
-        normalize_rows_(self.W_dec)

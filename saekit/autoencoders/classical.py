@@ -15,30 +15,19 @@ the raw sample); without it the sample mean is used.
 """
 from __future__ import annotations
 
-import difflib
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saekit.autoencoders.base import Autoencoder, Output, register
-from saekit.config import ModelConfig
+from saekit.autoencoders.base import Autoencoder, AutoencoderConfig, Output, register
+from saekit.metrics import mse
+from saekit.schema import FieldError, value
 
-
-def reconstruction_mse(xn_hat: Tensor, xn: Tensor) -> Tensor:
-    """The "mse" loss part: mean over tokens of the summed squared error (so it does not scale with batch)."""
-    return (xn_hat - xn).pow(2).sum(-1).mean()
-
-
-def check_choice(name: str, valid, what: str) -> str:
-    """``name`` if it is one of ``valid``, else a ValueError that names the nearest valid choice."""
-    if name in valid:
-        return name
-    near = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.0)
-    hint = f"; did you mean '{near[0]}'?" if near else ""
-    raise ValueError(f"unknown {what} '{name}'{hint} (valid: {', '.join(sorted(valid))})")
+Activation = Literal["relu", "gelu", "tanh", "sigmoid"]
 
 
 def _gelu_grad(a: Tensor) -> Tensor:
@@ -85,8 +74,39 @@ def init_center(model: Autoencoder, param: Tensor, x: Tensor, b_dec: Tensor | No
     param.copy_(model.scale_in(center_D))
 
 
+# ------------------------------------------------------------------------------------------ configs
+@dataclass
+class LinearConfig(AutoencoderConfig):
+    """n_latents only."""
+
+
+@dataclass
+class NonlinearConfig(AutoencoderConfig):
+    hidden: list[int] = value(factory=list, ge=1)  # widths of extra hidden layers, input side first
+    activation: Activation = "relu"
+
+
+@dataclass
+class DenoisingConfig(NonlinearConfig):
+    noise: Literal["gaussian", "mask"] = "gaussian"
+    noise_level: float = value(0.1, ge=0)  # Gaussian: std in normalized units; mask: drop probability
+
+    def validate(self) -> None:
+        if self.noise == "mask" and self.noise_level > 1:
+            raise FieldError("noise_level", f"is a drop probability for noise 'mask': it must be <= 1, got "
+                             f"{self.noise_level}")
+
+
+@dataclass
+class ContractiveConfig(AutoencoderConfig):
+    """One hidden layer, the code (so no ``hidden``)."""
+
+    activation: Activation = "relu"
+    contractive_coefficient: float = value(0.1, ge=0)
+
+
 # ------------------------------------------------------------------------------------------ linear
-@register("linear")
+@register("linear", LinearConfig)
 class LinearAE(Autoencoder):
     """``code = (xn - b_dec) W_enc + b_enc``, ``xn_hat = code W_dec + b_dec``.
 
@@ -94,7 +114,7 @@ class LinearAE(Autoencoder):
     (Baldi & Hornik, 1989): the same reconstruction PCA gives in closed form, so PCA is its yardstick.
     """
 
-    def __init__(self, d_in: int, cfg: ModelConfig):
+    def __init__(self, d_in: int, cfg: LinearConfig):
         super().__init__(d_in, cfg)
         n = cfg.n_latents
         # Tied start: W_dec = W_enc^T makes the initial map close to a projection, not a random mix.
@@ -121,14 +141,14 @@ class LinearAE(Autoencoder):
         code_BN = self.encode_normalized(xn_BD)
         xn_hat_BD = self.decode_normalized(code_BN)
         return Output(x_hat=self.scale_out(xn_hat_BD), code=code_BN,
-                      losses={"mse": reconstruction_mse(xn_hat_BD, xn_BD)})
+                      losses={"mse": mse(xn_BD, xn_hat_BD)})
 
     def init_from_data(self, x: Tensor, b_dec: Tensor | None = None) -> None:
         init_center(self, self.b_dec, x, b_dec)
 
 
 # --------------------------------------------------------------------------------------- nonlinear
-@register("autoencoder")
+@register("autoencoder", NonlinearConfig)
 class NonlinearAE(Autoencoder):
     """An MLP autoencoder: ``d -> hidden[0] -> ... -> hidden[-1] -> n_latents`` and the mirror back.
 
@@ -138,16 +158,19 @@ class NonlinearAE(Autoencoder):
     Subclasses change the training input (``corrupt``) or add loss parts (``penalties``).
     """
 
-    def __init__(self, d_in: int, cfg: ModelConfig):
+    def __init__(self, d_in: int, cfg: NonlinearConfig | ContractiveConfig):
         super().__init__(d_in, cfg)
-        self.act = ACTIVATIONS[check_choice(cfg.activation, ACTIVATIONS, "activation")]
-        widths = [d_in, *cfg.hidden, cfg.n_latents]
+        self.act = ACTIVATIONS[cfg.activation]
+        widths = [d_in, *self.hidden_widths(), cfg.n_latents]
         self.encoder = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         back = widths[::-1]
         n_dec = len(back) - 1
         self.decoder = nn.ModuleList(nn.Linear(a, b, bias=i < n_dec - 1)
                                      for i, (a, b) in enumerate(zip(back[:-1], back[1:])))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def hidden_widths(self) -> list[int]:
+        return self.cfg.hidden
 
     def encode_with_pre(self, xn_BD: Tensor) -> tuple[Tensor, Tensor]:
         """(pre-activation of the code layer, code), from normalized input."""
@@ -186,7 +209,7 @@ class NonlinearAE(Autoencoder):
         pre_BN, code_BN = self.encode_with_pre(self.corrupt(xn_BD))
         xn_hat_BD = self.decode_normalized(code_BN)
         # Reconstruction is always scored against the clean input.
-        losses = {"mse": reconstruction_mse(xn_hat_BD, xn_BD), **self.penalties(pre_BN, code_BN)}
+        losses = {"mse": mse(xn_BD, xn_hat_BD), **self.penalties(pre_BN, code_BN)}
         return Output(x_hat=self.scale_out(xn_hat_BD), code=code_BN, losses=losses)
 
     def init_from_data(self, x: Tensor, b_dec: Tensor | None = None) -> None:
@@ -194,10 +217,7 @@ class NonlinearAE(Autoencoder):
 
 
 # --------------------------------------------------------------------------------------- denoising
-NOISES = ("gaussian", "mask")
-
-
-@register("denoising")
+@register("denoising", DenoisingConfig)
 class DenoisingAE(NonlinearAE):
     """A nonlinear AE whose encoder sees a corrupted input during training only (``self.training``).
 
@@ -206,35 +226,29 @@ class DenoisingAE(NonlinearAE):
     Vincent et al. 2008, so eval-mode inputs are used as they are). The loss targets the clean input.
     """
 
-    def __init__(self, d_in: int, cfg: ModelConfig):
-        super().__init__(d_in, cfg)
-        self.noise = check_choice(cfg.noise, NOISES, "noise")
-        if cfg.noise_level < 0 or (self.noise == "mask" and cfg.noise_level > 1):
-            raise ValueError(f"noise_level {cfg.noise_level} out of range for noise '{self.noise}'")
-
     def corrupt(self, xn_BD: Tensor) -> Tensor:
         if not self.training or self.cfg.noise_level == 0:
             return xn_BD
-        if self.noise == "gaussian":
+        if self.cfg.noise == "gaussian":
             return xn_BD + self.cfg.noise_level * torch.randn_like(xn_BD)
         keep_BD = torch.rand_like(xn_BD) >= self.cfg.noise_level
         return xn_BD * keep_BD
 
 
 # ------------------------------------------------------------------------------------- contractive
-@register("contractive")
+@register("contractive", ContractiveConfig)
 class ContractiveAE(NonlinearAE):
     """One hidden layer ``code = s(a)``, ``a = (xn - b_dec) W + b`` (Rifai et al. 2011), with the penalty
     ``contractive_coefficient * mean ||J||_F^2``, ``J = d code / d xn``, in closed form:
     ``||J||_F^2 = sum_j s'(a_j)^2 ||W[:, j]||^2`` — no per-example Jacobian is ever formed.
     """
 
-    def __init__(self, d_in: int, cfg: ModelConfig):
-        if cfg.hidden:
-            raise ValueError("the contractive autoencoder has one hidden layer (the code); "
-                             f"got hidden={cfg.hidden}")
+    def __init__(self, d_in: int, cfg: ContractiveConfig):
         super().__init__(d_in, cfg)
         self.act_grad = ACTIVATION_GRADS[cfg.activation]
+
+    def hidden_widths(self) -> list[int]:
+        return []
 
     def _jacobian_sq_norm_from_pre(self, pre_BN: Tensor) -> Tensor:
         # nn.Linear keeps W transposed ([n, d]), so ||W[:, j]||^2 is the squared norm of weight row j.

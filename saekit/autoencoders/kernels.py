@@ -34,16 +34,51 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Where the three sparse products run: "torch" (library calls, every device) or "triton" (one kernel
-# each, triton_kernels.py, imported only when asked for). ModelConfig.sparse_kernels picks; every
-# function below takes ``backend``.
-BACKENDS = ("torch", "triton")
+from saekit.schema import Section, value
+
+
+@dataclass
+class KernelOptions(Section):
+    """How the TopK fast path runs: settings of a training (or analysis) run, not of the model, so a
+    saved model carries none of them. The trainer hands its ``kernels:`` section to the model
+    (``Autoencoder.use_kernels``); families without sparse kernels ignore it."""
+
+    # False: the dense reference step (same math; for tests and the benchmark).
+    fast_path: bool = True
+    # Tokens per chunk of [tokens, latents] pre-activations, so memory stays bounded at large widths
+    # (0: auto, at most PRE_CHUNK_ELEMENTS at a time).
+    chunk_tokens: int = value(0, ge=0)
+    # Where the three sparse products run: "torch" (library calls, every device) or "triton" (one kernel
+    # each, triton_kernels.py, CUDA; a model trained so still runs on a CPU, through torch).
+    backend: Literal["torch", "triton"] = "torch"
+    # How the k largest are found: "torch" (torch.topk), "two_stage" (group maxima first, exact, see
+    # two_stage_topk) or "auto" (two_stage on CUDA, torch elsewhere).
+    topk_method: Literal["auto", "torch", "two_stage"] = "auto"
+
+    def on(self, device: torch.device) -> "Resolved":
+        """These options as they apply on ``device``: the backend and top-k method resolved. Resolved
+        per call, not at build, so a model trained on triton kernels loads and runs anywhere."""
+        return Resolved(self.fast_path, self.chunk_tokens, resolve_backend(self.backend, device),
+                        resolve_topk_method(self.topk_method, device))
+
+
+class Resolved(NamedTuple):
+    """KernelOptions for one device (a plain tuple: built every step, also inside torch.compile)."""
+
+    fast_path: bool
+    chunk_tokens: int
+    backend: str
+    topk_method: str
+
+    def on(self, device: torch.device) -> "Resolved":
+        return self
 
 
 def _triton():
@@ -99,7 +134,6 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
 # at n 6144 (one run, B 4096, k 32: 54 vs 74 ms) and two stages win only from n ~24k (136 vs 114 ms), so
 # "auto" means two stages on CUDA and torch.topk elsewhere.
 TOPK_GROUP = 32  # g ~ sqrt(n / k) balances the two stages: 24576/32 -> 28, 65536/64 -> 32
-TOPK_METHODS = ("auto", "torch", "two_stage")
 
 
 def two_stage_topk(pre_BN: Tensor, k: int, group: int = TOPK_GROUP) -> tuple[Tensor, Tensor]:
@@ -120,8 +154,6 @@ def two_stage_topk(pre_BN: Tensor, k: int, group: int = TOPK_GROUP) -> tuple[Ten
 
 
 def resolve_topk_method(method: str, device: torch.device) -> str:
-    if method not in TOPK_METHODS:
-        raise ValueError(f"unknown topk_method '{method}'; valid: {', '.join(TOPK_METHODS)}")
     return ("two_stage" if device.type == "cuda" else "torch") if method == "auto" else method
 
 
@@ -258,15 +290,14 @@ def _topk_block(x_c_BD: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int, cols_
 # ------------------------------------------------------------------------------- the sparse encoder
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k: int, cols_M: Tensor | None, chunk: int,
-                backend: str, method: str):
+    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, k: int, cols_M: Tensor | None, opts: Resolved):
         x_c_BD = x_BD - b_dec_D
         if cols_M is None:
             cols_M = torch.zeros(0, dtype=torch.long, device=x_BD.device)
-        idx_BK, vals_BK, pre_BM = topk_chunked(x_c_BD, W_enc_DN, b_enc_N, k, cols_M, chunk,
-                                               resolve_topk_method(method, x_BD.device))
+        idx_BK, vals_BK, pre_BM = topk_chunked(x_c_BD, W_enc_DN, b_enc_N, k, cols_M, opts.chunk_tokens,
+                                               opts.topk_method)
         ctx.save_for_backward(x_c_BD, W_enc_DN, idx_BK, vals_BK, cols_M)
-        ctx.device_type, ctx.backend = x_BD.device.type, backend
+        ctx.device_type, ctx.backend = x_BD.device.type, opts.backend
         ctx.mark_non_differentiable(idx_BK)
         ctx.set_materialize_grads(False)
         return vals_BK, idx_BK, pre_BM
@@ -301,18 +332,26 @@ class _TopKEncode(torch.autograd.Function):
         # pre = (x - b_dec) @ W_enc + b_enc, so d pre / d b_dec = -W_enc: summed over the batch that
         # is -W_enc @ (the b_enc gradient), whatever mix of selections produced it.
         g_b_dec_D = -(W_enc_DN @ g_b_enc_N) if ctx.needs_input_grad[1] else None
-        return g_x_BD, g_b_dec_D, g_W_enc_ND.T, g_b_enc_N, None, None, None, None, None
+        return g_x_BD, g_b_dec_D, g_W_enc_ND.T, g_b_enc_N, None, None, None
 
 
-def topk_encode(x_BD: Tensor, b_dec_D: Tensor, W_enc_DN: Tensor, b_enc_N: Tensor, k: int,
-                cols_M: Tensor | None = None, chunk: int = 0, backend: str = "torch",
-                topk_method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+class SAEWeights(NamedTuple):
+    """The parameters of one SAE, in the shapes the kernels take."""
+
+    b_dec_D: Tensor
+    W_enc_DN: Tensor
+    b_enc_N: Tensor
+    W_dec_ND: Tensor
+
+
+def topk_encode(x_BD: Tensor, w: SAEWeights, k: int, cols_M: Tensor | None = None,
+                opts: KernelOptions = KernelOptions()) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k of pre = (x - b_dec) @ W_enc + b_enc, ReLU'd. Returns (vals_BK, idx_BK, pre_BM) where
     pre_BM holds the dense pre-activations of columns ``cols_M`` (for AuxK; [B, 0] if None).
     Gradients flow to x, b_dec, W_enc, b_enc through the selected entries and pre_BM only.
-    The pre-activations are computed ``chunk`` tokens at a time (0: ``chunk_rows``'s default) and
-    selected by ``topk_method`` (one of TOPK_METHODS)."""
-    return _TopKEncode.apply(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, cols_M, chunk, backend, topk_method)
+    ``opts`` (resolved for the device, ``KernelOptions.on``) sets the chunking, selection and backend."""
+    opts = opts.on(x_BD.device)
+    return _TopKEncode.apply(x_BD, w.b_dec_D, w.W_enc_DN, w.b_enc_N, k, cols_M, opts)
 
 
 def auxk_decode(pre_BM: Tensor, dead_M: Tensor, auxk_k: int, W_dec_ND: Tensor, backend: str = "torch") -> Tensor:
@@ -338,33 +377,31 @@ class TopKResult(NamedTuple):
     ehat_BD: Tensor | None  # AuxK reconstruction of the residual (no bias); None if nothing is dead
 
 
-def topk_sae_fast(x_BD, b_dec_D, W_enc_DN, b_enc_N, W_dec_ND, k: int, dead_M: Tensor | None,
-                  auxk_k: int, chunk: int = 0, backend: str = "torch", topk_method: str = "auto") -> TopKResult:
-    """Sparse kernels throughout; ``dead_M`` holds the ids of dead latents (or None); ``chunk``: tokens
-    per pre-activation chunk (0: auto); ``backend``: one of BACKENDS; ``topk_method``: TOPK_METHODS."""
+def topk_sae_fast(x_BD: Tensor, w: SAEWeights, k: int, dead_M: Tensor | None, auxk_k: int,
+                  opts: KernelOptions = KernelOptions()) -> TopKResult:
+    """Sparse kernels throughout; ``dead_M`` holds the ids of dead latents (or None)."""
+    opts = opts.on(x_BD.device)
     use_aux = dead_M is not None and dead_M.numel() > 0
-    vals_BK, idx_BK, pre_BM = topk_encode(x_BD, b_dec_D, W_enc_DN, b_enc_N, k, dead_M if use_aux else None,
-                                          chunk, backend, topk_method)
-    xhat_BD = sparse_decode(idx_BK, vals_BK, W_dec_ND, backend)
-    ehat_BD = auxk_decode(pre_BM, dead_M, auxk_k, W_dec_ND, backend) if use_aux else None
+    vals_BK, idx_BK, pre_BM = topk_encode(x_BD, w, k, dead_M if use_aux else None, opts)
+    xhat_BD = sparse_decode(idx_BK, vals_BK, w.W_dec_ND, opts.backend)
+    ehat_BD = auxk_decode(pre_BM, dead_M, auxk_k, w.W_dec_ND, opts.backend) if use_aux else None
     return TopKResult(xhat_BD, idx_BK, vals_BK, ehat_BD)
 
 
-def topk_sae_naive(x_BD, b_dec_D, W_enc_DN, b_enc_N, W_dec_ND, k: int, dead_M: Tensor | None,
-                   auxk_k: int, chunk: int = 0, backend: str = "torch", topk_method: str = "torch") -> TopKResult:
+def topk_sae_naive(x_BD: Tensor, w: SAEWeights, k: int, dead_M: Tensor | None, auxk_k: int,
+                   opts: KernelOptions | None = None) -> TopKResult:
     """The reference: dense [B, n] codes, dense decoder GEMMs, autograd's dense backward, and AuxK as
-    in Gao et al.'s code (live latents masked to -inf over all n, dense aux code). ``chunk``, ``backend``
-    and ``topk_method`` are unused: the reference holds all [B, n] pre-activations, uses dense products
-    and torch.topk."""
-    pre_BN = torch.addmm(b_enc_N, x_BD - b_dec_D, W_enc_DN)
+    in Gao et al.'s code (live latents masked to -inf over all n, dense aux code). ``opts`` is unused:
+    the reference holds all [B, n] pre-activations, uses dense products and torch.topk."""
+    pre_BN = torch.addmm(w.b_enc_N, x_BD - w.b_dec_D, w.W_enc_DN)
     idx_BK, vals_BK = select_topk(pre_BN, k)
     code_BN = torch.zeros_like(pre_BN).scatter(1, idx_BK, vals_BK)
-    xhat_BD = code_BN @ W_dec_ND
+    xhat_BD = code_BN @ w.W_dec_ND
     ehat_BD = None
     if dead_M is not None and dead_M.numel() > 0:
         dead_N = torch.zeros(pre_BN.shape[1], dtype=torch.bool, device=pre_BN.device)
         dead_N[dead_M] = True
         aux_vals, aux_idx = pre_BN.masked_fill(~dead_N, float("-inf")).topk(
             min(auxk_k, dead_M.numel()), dim=-1, sorted=False)
-        ehat_BD = torch.zeros_like(pre_BN).scatter(1, aux_idx, aux_vals.relu()) @ W_dec_ND
+        ehat_BD = torch.zeros_like(pre_BN).scatter(1, aux_idx, aux_vals.relu()) @ w.W_dec_ND
     return TopKResult(xhat_BD, idx_BK, vals_BK, ehat_BD)

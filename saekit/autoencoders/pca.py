@@ -8,14 +8,15 @@ lowest "mse" any rank-``n_latents`` linear (affine) autoencoder can reach on the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
-from saekit.autoencoders.base import Autoencoder, Output, register
-from saekit.autoencoders.classical import reconstruction_mse
-from saekit.config import ModelConfig
+from saekit.autoencoders.base import Autoencoder, AutoencoderConfig, Output, register
+from saekit.errors import ConfigError, UserError
+from saekit.metrics import mse
 
 
 class StreamingMoments:
@@ -56,16 +57,22 @@ def _fix_signs(vecs_DN: Tensor) -> Tensor:
     return vecs_DN * torch.where(signs_N == 0, torch.ones_like(signs_N), signs_N)
 
 
-@register("pca")
+@dataclass
+class PCAConfig(AutoencoderConfig):
+    """n_latents (the number of components, at most d_in) only."""
+
+
+@register("pca", PCAConfig)
 class PCA(Autoencoder):
     """``code = scale_in(x - mean) @ components``, ``x_hat = scale_out(code @ components^T) + mean``."""
 
     closed_form = True  # fitted by fit_stream, not by gradient steps
 
-    def __init__(self, d_in: int, cfg: ModelConfig):
+    def __init__(self, d_in: int, cfg: PCAConfig):
         super().__init__(d_in, cfg)
-        if not 0 < cfg.n_latents <= d_in:
-            raise ValueError(f"PCA needs 0 < n_latents <= d_in ({d_in}); got n_latents={cfg.n_latents}")
+        if cfg.n_latents > d_in:  # d_in is known only here, from the data
+            raise ConfigError(f"config key 'model.n_latents': PCA keeps at most d_in = {d_in} components; "
+                              f"got {cfg.n_latents}")
         self.register_buffer("mean", torch.zeros(d_in))  # raw units
         self.register_buffer("components", torch.zeros(d_in, cfg.n_latents))  # orthonormal columns
         # All d eigenvalues of the raw covariance, descending (float64: their tail sum is a small number).
@@ -86,7 +93,7 @@ class PCA(Autoencoder):
             if max_tokens is not None and moments.n >= max_tokens:
                 break
         if moments.n < 2:
-            raise ValueError(f"PCA.fit_stream needs at least 2 rows; got {moments.n}")
+            raise UserError(f"PCA needs at least 2 training rows; got {moments.n}")
         mean_D, cov_DD = moments.mean_and_cov()
         evals_D, evecs_DD = torch.linalg.eigh(cov_DD)  # ascending
         evals_D, evecs_DD = evals_D.flip(0).clamp_min(0), evecs_DD.flip(1)
@@ -106,11 +113,6 @@ class PCA(Autoencoder):
         """[d] variances along the principal axes, descending, in the normalized space."""
         return self.raw_eigenvalues.double() * self.input_scale.double() ** 2
 
-    @property
-    def explained_variance(self) -> Tensor:
-        """[n_latents] variances of the kept components (normalized space)."""
-        return self.eigenvalues[: self.n_latents]
-
     def discarded_variance(self) -> float:
         """Sum of the discarded eigenvalues: the least per-token "mse" of a rank-n_latents reconstruction."""
         return self.eigenvalues[self.n_latents:].sum().item()
@@ -128,4 +130,4 @@ class PCA(Autoencoder):
         xn_hat_centered_BD = code_BN @ self.components.T
         # "mse" has no gradient (no parameters): it is reported, never trained on.
         return Output(x_hat=self.scale_out(xn_hat_centered_BD) + self.mean, code=code_BN,
-                      losses={"mse": reconstruction_mse(xn_hat_centered_BD, xn_centered_BD)})
+                      losses={"mse": mse(xn_centered_BD, xn_hat_centered_BD)})

@@ -8,7 +8,7 @@ Energies (v visible [d], h hidden [n] in {0, 1}, W [d, n]):
 Summing h out gives the free energy ``F(v) = visible_term(v) - sum_j softplus(b_h_j + (v W)_j)`` with
 ``p(v) = exp(-F(v)) / Z``. The CD update is the gradient of ``mean F(v_data) - mean F(v_model)`` with
 ``v_model`` held fixed, so the training signal is the single loss part ``"cd"``; ``v_model`` comes from
-``cd_k`` block-Gibbs steps started at the batch (CD-k) or, with ``persistent``, from chains kept across
+``cd_steps`` block-Gibbs steps started at the batch (CD-k) or, with ``persistent``, from chains kept across
 steps (PCD). ``"mse"`` (one mean-field reconstruction step) is in ``losses`` for uniform logging, but
 detached: it adds a constant to ``Output.loss`` and nothing to its gradient.
 
@@ -20,22 +20,35 @@ there (rescaling binary data would make it non-binary). The sampling methods ``f
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saekit.autoencoders.base import Autoencoder, Output, register
-from saekit.autoencoders.classical import check_choice, init_center, reconstruction_mse
-from saekit.config import ModelConfig
+from saekit.autoencoders.base import Autoencoder, AutoencoderConfig, Output, register
+from saekit.autoencoders.classical import init_center
+from saekit.metrics import mse
+from saekit.schema import value
 
 
-@register("rbm")
+@dataclass
+class RBMConfig(AutoencoderConfig):
+    visible: Literal["gaussian", "bernoulli"] = "gaussian"  # visible unit type (hidden units are binary)
+    cd_steps: int = value(1, ge=1)  # block-Gibbs steps per negative sample (the k of CD-k)
+    persistent: bool = False  # persistent CD: chains kept across steps instead of restarted at the batch
+
+    RENAMED = {"cd_k": "cd_steps"}
+
+
+@register("rbm", RBMConfig)
 class RBM(Autoencoder):
-    def __init__(self, d_in: int, cfg: ModelConfig):
+    generative = True
+
+    def __init__(self, d_in: int, cfg: RBMConfig):
         super().__init__(d_in, cfg)
-        self.visible = check_choice(cfg.visible, ("bernoulli", "gaussian"), "visible unit type")
-        if cfg.cd_k < 1:
-            raise ValueError(f"cd_k must be at least 1; got {cfg.cd_k}")
+        self.visible = cfg.visible
         # Small random weights, zero biases (Hinton, "A practical guide to training RBMs", 2010).
         self.W = nn.Parameter(0.01 * torch.randn(d_in, cfg.n_latents))  # [d, n]
         self.b_v = nn.Parameter(torch.zeros(d_in))
@@ -105,10 +118,10 @@ class RBM(Autoencoder):
         """v_model for the CD loss. PCD advances its chains only in training mode, so evaluation leaves
         them alone; their number is fixed by the first batch (means over chains need not match B)."""
         if not (self.cfg.persistent and self.training):
-            return self.gibbs(v_BD.detach(), self.cfg.cd_k)
+            return self.gibbs(v_BD.detach(), self.cfg.cd_steps)
         if self.chains is None or self.chains.shape[1:] != v_BD.shape[1:]:
             self.chains = v_BD.detach().clone()  # start the chains at data
-        self.chains = self.gibbs(self.chains.to(v_BD.dtype), self.cfg.cd_k)
+        self.chains = self.gibbs(self.chains.to(v_BD.dtype), self.cfg.cd_steps)
         return self.chains
 
     def forward(self, x: Tensor) -> Output:
@@ -117,7 +130,7 @@ class RBM(Autoencoder):
         v_hat_BD = self.mean_v(code_BN)
         v_model = self.negative_samples(v_BD)
         fe_data, fe_model = self.free_energy(v_BD).mean(), self.free_energy(v_model).mean()
-        losses = {"cd": fe_data - fe_model, "mse": reconstruction_mse(v_hat_BD, v_BD).detach()}
+        losses = {"cd": fe_data - fe_model, "mse": mse(v_BD, v_hat_BD).detach()}
         extras = {"free_energy_data": fe_data.detach(), "free_energy_model": fe_model.detach(),
                   "v_model": v_model}
         return Output(x_hat=self.scale_out(v_hat_BD), code=code_BN, losses=losses, extras=extras)

@@ -4,16 +4,24 @@ optimizer from shrinking codes while growing decoder rows to dodge the penalty.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from saekit.autoencoders.base import Output, register
-from saekit.autoencoders.sae import SparseAutoencoder
+from saekit.autoencoders.sae import SAEConfig, SparseAutoencoder
+from saekit.schema import value
 
 
-@register("relu")
+@dataclass
+class ReLUConfig(SAEConfig):
+    l1_coefficient: float = value(5.0, ge=0)  # weight of the decoder-norm-weighted L1 penalty
+
+
+@register("relu", ReLUConfig)
 class ReLUSAE(SparseAutoencoder):
-    """Config: n_latents, l1_coefficient. Loss parts: "mse", "l1" =
-    l1_coefficient * sparsity_scale * mean over tokens of sum_j |code_j| * ||W_dec_j||."""
+    """Loss parts: "mse", "l1" = l1_coefficient * sparsity_scale * mean over tokens of
+    sum_j |code_j| * ||W_dec_j||."""
 
     def encode(self, x: Tensor) -> Tensor:
         return self.pre_acts(self.scale_in(x)).relu()

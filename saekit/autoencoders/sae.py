@@ -11,19 +11,52 @@ The families live in relu_l1.py, topk.py, batchtopk.py and jumprelu.py; the TopK
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saekit.autoencoders.base import Autoencoder, Output
-from saekit.config import ModelConfig
+from saekit.autoencoders.base import Autoencoder, AutoencoderConfig, Output
+from saekit.autoencoders.kernels import SAEWeights
+from saekit.metrics import mse
+from saekit.schema import FieldError, value
+
+
+@dataclass
+class SAEConfig(AutoencoderConfig):
+    """What every SAE family shares."""
+
+    # Decoder rows at init: "data" = centered, normalized sample activations (encoder = transpose),
+    # "random" = random unit vectors. Data init converges faster on short runs.
+    decoder_init: Literal["data", "random"] = "data"
+
+
+@dataclass
+class AuxKConfig(SAEConfig):
+    """The k-sparse families (TopK, BatchTopK): k active latents per token and AuxK (Gao et al. 2024)
+    for the latents the trainer marks dead (its ``dead_after_tokens``)."""
+
+    k: int = value(32, ge=1)  # active latents per token (BatchTopK: on average over the batch)
+    auxk_latents: int | None = value(None, ge=1)  # dead latents AuxK decodes per token; None: d_in // 2
+    auxk_alpha: float = value(1 / 32, ge=0)  # weight of the AuxK loss
+
+    RENAMED = {"auxk_k": "auxk_latents"}
+
+    def validate(self) -> None:
+        if self.k > self.n_latents:
+            raise FieldError("k", f"is {self.k}, more than n_latents ({self.n_latents}); lower k or widen the "
+                             "dictionary")
 
 
 class SparseAutoencoder(Autoencoder):
     """Base of the SAE family. Init: random unit-norm decoder rows, encoder tied to the decoder's
     transpose (W_enc = W_dec.T, Gao et al. 2024; Conerly et al. 2024), zero biases."""
 
-    def __init__(self, d_in: int, cfg: ModelConfig):
+    config_class = SAEConfig
+
+    def __init__(self, d_in: int, cfg: SAEConfig):
         super().__init__(d_in, cfg)
         W_dec_ND = torch.randn(cfg.n_latents, d_in)
         W_dec_ND /= W_dec_ND.norm(dim=-1, keepdim=True)
@@ -50,8 +83,8 @@ class SparseAutoencoder(Autoencoder):
         return ids if ids.numel() else None
 
     @property
-    def auxk_k(self) -> int:
-        return self.cfg.auxk_k if self.cfg.auxk_k is not None else self.d_in // 2
+    def weights(self) -> SAEWeights:
+        return SAEWeights(self.b_dec, self.W_enc, self.b_enc, self.W_dec)
 
     def init_from_data(self, x: Tensor, b_dec: Tensor | None = None) -> None:
         """Set b_dec from a raw-unit estimate of the data's center (the trainer's geometric median or
@@ -63,8 +96,6 @@ class SparseAutoencoder(Autoencoder):
                 self.b_dec.copy_(b_dec.to(self.b_dec) * self.input_scale)
             if self.cfg.decoder_init == "random":
                 return
-            if self.cfg.decoder_init != "data":
-                raise ValueError(f"unknown decoder_init '{self.cfg.decoder_init}'; valid: data, random")
             g = torch.Generator().manual_seed(0)
             take = torch.randperm(len(x), generator=g)[: self.n_latents]
             rows_ND = self.scale_in(x[take].to(self.W_dec)) - self.b_dec
@@ -78,13 +109,24 @@ class SparseAutoencoder(Autoencoder):
         return Output(x_hat=self.scale_out(x_hat_n), code=code_BN, losses=losses)
 
 
+class AuxKSAE(SparseAutoencoder):
+    """Base of TopK and BatchTopK: unit-norm decoder rows (before each optimizer step the gradient
+    component along each row is removed, after it the rows are renormalized) and AuxK."""
+
+    config_class = AuxKConfig
+
+    @property
+    def auxk_latents(self) -> int:
+        return self.cfg.auxk_latents if self.cfg.auxk_latents is not None else self.d_in // 2
+
+    def before_optimizer_step(self) -> None:
+        remove_parallel_grad_(self.W_dec)
+
+    def after_optimizer_step(self) -> None:
+        normalize_rows_(self.W_dec)
+
+
 # --- losses -------------------------------------------------------------------------------------
-def mse(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
-    """Squared error summed over d, averaged over the batch: independent of the batch size.
-    (F.mse_loss with reduction="sum" is one fused pass forward and one backward.)"""
-    return F.mse_loss(x_hat_BD, x_BD, reduction="sum") / x_BD.shape[0]
-
-
 def auxk_loss(e_BD: Tensor, e_hat_BD: Tensor | None, alpha: float) -> Tensor:
     """AuxK (Gao et al. 2024): alpha * ||e - e_hat||^2 / ||e - mean(e)||^2, sums over batch and d.
 

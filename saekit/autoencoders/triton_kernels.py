@@ -1,4 +1,4 @@
-"""Triton versions of the TopK fast path's three sparse products (``ModelConfig.sparse_kernels: triton``).
+"""Triton versions of the TopK fast path's three sparse products (the training config's `kernels.backend: triton`).
 
 The torch backend in kernels.py builds them from library calls: ``embedding_bag`` (decode),
 ``sparse.sampled_addmm`` (value gradients) and a CSR ``sparse.mm`` (weight gradients). These kernels do
@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saekit.errors import UserError
+
 try:
     import triton
     import triton.language as tl
@@ -35,8 +37,8 @@ def available() -> bool:
 
 def require() -> None:
     if triton is None:
-        raise RuntimeError("sparse_kernels: triton needs the triton package (pip install triton); "
-                           "sparse_kernels: torch needs nothing extra")
+        raise UserError("kernels.backend: triton needs the triton package (pip install triton); "
+                        "kernels.backend: torch needs nothing extra")
 
 
 if triton is not None:
@@ -95,8 +97,8 @@ def _for(kernel, t: Tensor):
     # Compiled kernels need CUDA tensors. Under TRITON_INTERPRET=1 (set before triton is imported;
     # tests/conftest.py does on machines without a GPU) they are interpreted and take CPU tensors.
     if t.device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise RuntimeError("sparse_kernels: triton runs on CUDA tensors (on CPU only in Triton's "
-                           "interpreter, TRITON_INTERPRET=1, for tests); use sparse_kernels: torch on CPU")
+        raise UserError("kernels.backend: triton runs on CUDA tensors (on CPU only in Triton's "
+                        "interpreter, TRITON_INTERPRET=1, for tests); use kernels.backend: torch on CPU")
     return kernel
 
 

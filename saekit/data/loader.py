@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .store import StoreReader
+from .store import StoreError, StoreReader
 
 _END = object()
 
@@ -46,7 +46,8 @@ class ActivationLoader:
                  device: str | torch.device | None = None, epochs: int | None = None):
         self.store = store if isinstance(store, StoreReader) else StoreReader(store)
         if hook not in self.store.hooks:
-            raise KeyError(f"hook {hook!r} not in the store; it has {self.store.hooks}")
+            raise StoreError(f"{self.store.directory}: hook {hook!r} is not in this store; it has "
+                             f"{', '.join(self.store.hooks)} (set data.hook)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         self.hook, self.batch_size, self.seed = hook, int(batch_size), int(seed)
@@ -61,8 +62,8 @@ class ActivationLoader:
         self.n_rows = int(self.sizes.sum())
         self.fill_rows = max(1, math.ceil(buffer_tokens / self.batch_size)) * self.batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{self.n_rows} rows (rank {rank} of {world_size}) make no batch of "
-                             f"{self.batch_size}; use a smaller batch or drop_last=False")
+            raise StoreError(f"{self.store.directory}: {self.n_rows} rows (rank {rank} of {world_size}) make no "
+                             f"batch of {self.batch_size}; use a smaller batch or drop_last=False")
         self.device = torch.device(device) if device is not None else None
         self._pin = self.device is not None and self.device.type == "cuda"  # pinned host batches
         self._feed = self._pin  # ... in the store dtype, through the one-ahead _DeviceFeed

@@ -32,8 +32,9 @@ import torch
 from safetensors import safe_open
 
 import saekit
-
-from saekit.config import config_diff
+from saekit.errors import UserError
+from saekit.files import atomic_write
+from saekit.schema import config_diff
 
 from .tokens import tokenizer_meta
 
@@ -45,14 +46,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 IGNORED_CONFIG_KEYS = ("out", "progress")
 # Meta keys the manifest always has (None when the harvester does not know them).
 META_KEYS = ("model", "revision", "architecture", "context_size", "tokenizer", "keep_special_tokens")
-_OWN_TMP = re.compile(r"(shard_\d+\.safetensors|manifest\.json)\.tmp")
+# files.atomic_path's temporary names (and those of saekit before it, ending in ".tmp")
+_OWN_TMP = re.compile(r"(shard_\d+|manifest)\.tmp\.(safetensors|json)|(shard_\d+\.safetensors|manifest\.json)\.tmp")
 _SHARD = re.compile(r"shard_\d+\.safetensors")
 # saekit.__version__, or the installed metadata when a stale editable install imports saekit as a
 # namespace package (its __init__ then never runs).
 SAEKIT_VERSION = getattr(saekit, "__version__", None) or importlib.metadata.version("saekit")
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A store directory that cannot be used as asked."""
 
 
@@ -76,25 +78,6 @@ def split_rows(n_rows: int, heldout_tokens: int) -> tuple[tuple[int, int], tuple
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to ``<path>.tmp``, fsync, rename over ``path``, fsync the directory (so the rename sticks)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -419,9 +402,6 @@ class StoreReader:
         self._verified.add(i)
         return data
 
-    def verify_shard(self, i: int) -> None:
-        self._load_verified(i)
-
     def read_shard(self, i: int, hooks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """All tensors of shard ``i`` (activations only for ``hooks``, default all), checksum verified."""
         wanted = set(self.hooks if hooks is None else hooks)
@@ -442,7 +422,8 @@ class StoreReader:
     def _check_hooks(self, hooks) -> None:
         unknown = set(hooks) - set(self.hooks)
         if unknown:
-            raise KeyError(f"hook(s) {sorted(unknown)} not in this store; it has {self.hooks}")
+            raise StoreError(f"{self.directory}: hook(s) {sorted(unknown)} not in this store; it has "
+                             f"{', '.join(self.hooks)}")
 
     # ------------------------------------------------------------------------- rows and tokens
     def _gather(self, name: str, rows) -> torch.Tensor:

@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from saekit.errors import ConfigError, UserError
+
 # Local file suffix -> `datasets` builder that reads it.
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -23,11 +25,8 @@ _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib
                      "turtledemo", "__pycache__"}
 
 
-class TextColumnError(KeyError):
+class TextColumnError(UserError, KeyError):
     """The requested text column is not in the dataset."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message, quotes and all
-        return str(self.args[0])
 
 
 def iter_texts(dataset: str, dataset_config: str | None = None, split: str = "train",
@@ -46,8 +45,8 @@ def iter_texts(dataset: str, dataset_config: str | None = None, split: str = "tr
     if dataset.startswith("builtin:"):
         name = dataset[len("builtin:"):]
         if name not in BUILTIN_CORPORA:
-            raise ValueError(f"unknown built-in corpus '{dataset}'; available: "
-                             + ", ".join(f"builtin:{n}" for n in BUILTIN_CORPORA))
+            raise ConfigError(f"config key 'dataset': unknown built-in corpus '{dataset}'; available: "
+                              + ", ".join(f"builtin:{n}" for n in BUILTIN_CORPORA))
         yield from BUILTIN_CORPORA[name]()
         return
     if os.path.exists(dataset):
@@ -76,10 +75,10 @@ def _iter_local(path: Path, text_column: str) -> Iterator[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _BUILDERS)
         if not files:
-            raise FileNotFoundError(f"no .txt/.jsonl/.json/.parquet files under {path}")
+            raise UserError(f"no .txt/.jsonl/.json/.parquet files under {path}")
     else:
         if path.suffix not in _BUILDERS:
-            raise ValueError(f"{path}: unsupported file type; use .txt, .jsonl, .json or .parquet")
+            raise ConfigError(f"{path}: unsupported file type; use .txt, .jsonl, .json or .parquet")
         files = [path]
     # Runs of consecutive files with the same builder go through one load_dataset call; the sorted
     # file order is kept as is.

@@ -1,10 +1,8 @@
-"""Evaluation: one definition per metric (metrics.py), downstream metrics by splicing into the LM
-(downstream.py), `saekit evaluate` (evaluate.py), `saekit compare` (compare.py), and the applications:
-anomaly scores (anomaly.py), linear probes (probe.py) and RBM sampling checks (sampling.py).
-
-Nothing here imports the CLI.
+"""Evaluation: `saekit evaluate` (evaluate.py) over the one metric definitions (saekit/metrics.py),
+downstream metrics by splicing into the LM (downstream.py), linear probes (probe.py) and RBM sampling
+checks (sampling.py). Reads a trained model and its store; imports no other stage (the comparison
+across families, which trains, is orchestration: saekit/compare.py).
 """
-from saekit.evaluation.anomaly import token_scores, worst_contexts
 from saekit.evaluation.downstream import (ce_loss_recovered, downstream_metrics, embedding_recovered,
                                          fraction_recovered)
 from saekit.evaluation.evaluate import evaluate_model, evaluate_run, reconstruction_metrics
@@ -17,6 +15,4 @@ __all__ = [
     "evaluate_run",
     "fraction_recovered",
     "reconstruction_metrics",
-    "token_scores",
-    "worst_contexts",
 ]

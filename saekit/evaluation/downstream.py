@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saekit.autoencoders import Autoencoder
 from saekit.lm import make_capture, splice
 from saekit.lm.capture import position_ids_for
 
@@ -74,10 +75,9 @@ Reconstruct = Callable[[Tensor], Tensor]
 def as_reconstruct(model) -> Reconstruct:
     """An autoencoder (its forward's ``x_hat``, the same x̂ the reconstruction metrics see) or any
     callable [N, d] -> [N, d] on raw activations."""
-    if isinstance(model, torch.nn.Module) and hasattr(model, "n_latents"):
+    if isinstance(model, Autoencoder):
         model.eval()
-        device = next(iter(model.buffers())).device  # every autoencoder has its input_scale buffer
-        return lambda x: model(x.to(device)).x_hat
+        return lambda x: model(x.to(model.device)).x_hat
     return model
 
 

@@ -12,12 +12,12 @@ What is evaluated where:
   was not trained on. The splice covers the positions the store kept rows for: the real (non-special)
   tokens by default, every token when the store kept special tokens (``positions`` overrides).
   Mean-ablation uses the mean of the held-out rows.
-* Optionally a linear probe (probe.py) and, for RBMs, the moments of Gibbs samples (sampling.py).
+* Optionally a linear probe (probe.py) and, for generative models (RBMs), the moments of Gibbs samples
+  (sampling.py).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 
 from saekit.config import EvalConfig, resolve_device
-from saekit.evaluation.metrics import FiringStats, Metrics
+from saekit.errors import UserError
+from saekit.files import plain, read_json, save_figure, write_json
+from saekit.metrics import FiringStats, Metrics
+from saekit.schema import to_dict
 
 EVAL_FILE = "eval.json"
 DENSITY_PLOT = "density.png"
@@ -39,7 +42,7 @@ def load_run(run_dir: str | os.PathLike, device="cpu"):
 
     run_dir = Path(run_dir)
     if not (run_dir / "model" / "config.json").exists():
-        raise FileNotFoundError(f"{run_dir}: no trained model (model/config.json); train it first")
+        raise UserError(f"{run_dir}: no trained model (model/config.json); train it first")
     model = Autoencoder.load(run_dir / "model", device).eval()
     cfg = _read_json(run_dir / "config.json")
     metrics = _read_json(run_dir / "metrics.json")
@@ -47,27 +50,7 @@ def load_run(run_dir: str | os.PathLike, device="cpu"):
 
 
 def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_json(path: Path, data) -> None:
-    """Atomic (the store's writer: temporary file, fsync, rename), NaN/inf as null."""
-    from saekit.data.store import atomic_write
-
-    atomic_write(path, (json.dumps(_plain(data), indent=2) + "\n").encode())
-
-
-def _plain(value):
-    """JSON-safe: NaN/inf become null, tensors lists."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _plain(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return read_json(path) if path.exists() else None
 
 
 # ---------------------------------------------------------------------------------- held-out rows
@@ -111,7 +94,7 @@ def reconstruction_metrics(model, reader, hook: str, rows: tuple[int, int], batc
         if take > 0:
             window.update(_first(out, take, model.n_latents), out.nonzero_per_token()[:take])
     if metrics.n_tokens == 0:
-        raise ValueError(f"no rows to evaluate in {rows}")
+        raise UserError(f"{reader.directory}: no rows to evaluate in {rows}")
     result = metrics.compute()
     firing = window.compute()
     result.update(dead_fraction=firing["dead_fraction"], dense_fraction=firing["dense_fraction"],
@@ -136,15 +119,6 @@ def _positions(cfg: EvalConfig, manifest: dict) -> str:
     return "all" if manifest.get("keep_special_tokens") else "real"
 
 
-def load_store_lm(reader, device="cpu"):
-    """The language model a store was harvested from (by the id or path in its manifest)."""
-    from saekit.lm import load_lm
-
-    m = reader.manifest
-    dtype = (m.get("config") or {}).get("model_dtype", "float32")
-    return load_lm(m["model"], revision=m.get("revision"), dtype=dtype, device=device)
-
-
 def evaluate_model(model, reader, hook: str, cfg: EvalConfig, heldout_tokens: int, lm=None,
                    training_heldout: int | None = None) -> dict:
     """All metrics of one autoencoder against one store (``lm`` is loaded from the store if needed)."""
@@ -153,8 +127,6 @@ def evaluate_model(model, reader, hook: str, cfg: EvalConfig, heldout_tokens: in
 
     device = resolve_device(cfg.device)
     model = model.to(device).eval()
-    if heldout_tokens <= 0:
-        raise ValueError(f"heldout_tokens must be positive, got {heldout_tokens}")
     _, rows = split_rows(reader.n_rows, heldout_tokens)
     result = {"kind": model.kind, "n_latents": model.n_latents, "d_in": model.d_in, "hook": hook,
               "store": str(reader.directory), "heldout_rows": list(rows)}
@@ -165,16 +137,18 @@ def evaluate_model(model, reader, hook: str, cfg: EvalConfig, heldout_tokens: in
             warnings.warn(f"{overlap} of the {heldout_tokens} evaluation rows were not held out of training "
                           f"(the run held out {training_heldout}); reconstruction metrics are optimistic",
                           stacklevel=2)
-    recon, metrics = reconstruction_metrics(model, reader, hook, rows, cfg.batch_size, device,
+    recon, metrics = reconstruction_metrics(model, reader, hook, rows, cfg.batch_tokens, device,
                                             cfg.dead_window_tokens)
     result["reconstruction"] = recon
     if cfg.downstream and cfg.downstream_sequences > 0:
         tokens, held_out = heldout_sequences(reader, rows[0], cfg.downstream_sequences)
         if lm is None:
-            lm = load_store_lm(reader, device)
+            from saekit.lm import load_manifest_lm
+
+            lm = load_manifest_lm(reader.manifest, device)
         down = downstream_metrics(lm, hook, model, tokens, backend=cfg.backend,
                                   positions=_positions(cfg, reader.manifest), mean=metrics.recon.mean,
-                                  batch_size=cfg.downstream_batch_size, error_check=cfg.error_check)
+                                  batch_size=cfg.downstream_batch_sequences, error_check=cfg.error_check)
         down["windows_held_out"] = held_out
         result["downstream"] = down
     if cfg.probe:
@@ -182,12 +156,12 @@ def evaluate_model(model, reader, hook: str, cfg: EvalConfig, heldout_tokens: in
 
         result["probe"] = probe_run(model, reader, hook, rows, cfg.probe_tokens, device=device,
                                     tokenizer=lm.tokenizer if lm is not None else None)
-    if model.kind == "rbm" and cfg.samples > 0:
+    if model.generative and cfg.rbm_samples > 0:
         from saekit.evaluation.sampling import rbm_moment_check
 
-        data = reader.activations(hook, (rows[0], min(rows[1], rows[0] + max(cfg.samples, 10_000))),
+        data = reader.activations(hook, (rows[0], min(rows[1], rows[0] + max(cfg.rbm_samples, 10_000))),
                                   dtype=torch.float32).to(device)
-        result["sampling"] = rbm_moment_check(model, data, cfg.samples, cfg.gibbs_steps)
+        result["sampling"] = rbm_moment_check(model, data, cfg.rbm_samples, cfg.gibbs_steps)
     return result
 
 
@@ -195,7 +169,6 @@ def evaluate_run(cfg: EvalConfig, lm=None) -> dict:
     """Evaluate the run in ``cfg.run`` and write the results to ``RUN_DIR/eval.json`` (or ``cfg.out``).
 
     ``lm``: the store's language model, already loaded (saves reloading it for many runs)."""
-    from saekit.config import to_dict
     from saekit.data.store import StoreReader
 
     run_dir = Path(cfg.run)
@@ -204,7 +177,7 @@ def evaluate_run(cfg: EvalConfig, lm=None) -> dict:
     data_cfg = (train_cfg or {}).get("data", {})
     store = cfg.store or data_cfg.get("store")
     if store is None:
-        raise ValueError(f"{run_dir}: no config.json naming the store; pass store=...")
+        raise UserError(f"{run_dir}: no config.json naming the store; pass --store STORE_DIR")
     reader = StoreReader(store)
     hook = data_cfg.get("hook") or reader.hooks[0]
     trained_heldout = int(data_cfg.get("heldout_tokens", 0) or 0)
@@ -221,7 +194,7 @@ def evaluate_run(cfg: EvalConfig, lm=None) -> dict:
     write_json(out, result)
     plot_density(result["reconstruction"]["density_histogram"], out.with_name(DENSITY_PLOT),
                  title=f"{model.kind}, {model.n_latents} latents")
-    return json.loads(json.dumps(_plain(result)))
+    return json.loads(json.dumps(plain(result)))
 
 
 def plot_density(hist: dict, path: Path, title: str = "") -> Path:
@@ -238,6 +211,4 @@ def plot_density(hist: dict, path: Path, title: str = "") -> Path:
     ax.set_ylabel("latents")
     ax.set_title(f"{title} ({hist['dead']} dead)" if title else f"{hist['dead']} dead")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from saekit.data.tokens import continuation_prefix
+from saekit.errors import UserError
 
 
 _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -104,15 +105,15 @@ def probe_run(model, reader, hook: str, rows: tuple[int, int], n_tokens: int = 6
               tokenizer=None, train_fraction: float = 2 / 3, steps: int = 300) -> dict:
     """Probe the codes and the raw activations of the first ``n_tokens`` rows of ``rows``."""
     if tokenizer is None:
-        from saekit.evaluation.anomaly import store_tokenizer
+        from saekit.lm import load_manifest_tokenizer
 
-        tokenizer = store_tokenizer(reader)
+        tokenizer = load_manifest_tokenizer(reader.manifest)
     rows = (rows[0], min(rows[1], rows[0] + n_tokens))
     y = probe_labels(reader, rows, tokenizer)
     x = reader.activations(hook, rows, dtype=torch.float32).to(device)
     cut = int(len(y) * train_fraction)
     if cut < 2 or len(y) - cut < 2:
-        raise ValueError(f"too few rows ({len(y)}) for a probe")
+        raise UserError(f"too few rows ({len(y)}) for a probe; raise probe_tokens or heldout_tokens")
     code = codes(model, x)
     on_code = train_probe(code[:cut], y[:cut], code[cut:], y[cut:], steps=steps)
     on_raw = train_probe(x[:cut], y[:cut], x[cut:], y[cut:], steps=steps)

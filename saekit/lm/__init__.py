@@ -1,6 +1,8 @@
 """Language models: load by id or path, capture activations at TransformerLens hook names, splice.
 
-Nothing here imports from the rest of saekit except ``saekit.config``: later stages build on it."""
+Nothing here imports from the rest of saekit except ``saekit.config`` (and its errors and schema):
+later stages build on it. A store's model is loaded from the store's manifest (a plain dict), so this
+package needs nothing of data/."""
 from saekit.lm.capture import BACKENDS, HFCapture, TLCapture, make_capture
 from saekit.lm.hooks import (
     HOOK_KINDS,
@@ -9,7 +11,7 @@ from saekit.lm.hooks import (
     UnsupportedArchitectureError,
     valid_hook_names,
 )
-from saekit.lm.loading import LoadedLM, load_lm, unembedding
+from saekit.lm.loading import LoadedLM, load_lm, load_manifest_lm, load_manifest_tokenizer, unembedding
 from saekit.lm.splice import splice
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "UnknownHookError",
     "UnsupportedArchitectureError",
     "load_lm",
+    "load_manifest_lm",
+    "load_manifest_tokenizer",
     "make_capture",
     "splice",
     "unembedding",

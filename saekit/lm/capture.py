@@ -15,6 +15,7 @@ import weakref
 import torch
 from torch import nn
 
+from saekit.schema import check_choice
 from saekit.lm.hooks import UnknownHookError, attach, hook_site, parse_hooks, valid_hook_names
 from saekit.lm.loading import LoadedLM
 
@@ -22,8 +23,7 @@ BACKENDS = ("hf", "transformer_lens")
 
 
 def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_choice(backend, BACKENDS, "capture backend")
 
 
 def make_capture(lm: LoadedLM, hooks: list[str], backend: str = "hf"):

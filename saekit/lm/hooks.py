@@ -24,6 +24,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from saekit.errors import UserError
+from saekit.schema import nearest
+
 HOOK_KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # firing order within a block
 _HOOK_RE = re.compile(r"blocks\.(\d+)\.hook_(\w+)")
 
@@ -50,18 +53,20 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(UserError, ValueError):
     """A model whose family has no hook layout here."""
 
 
-class UnknownHookError(ValueError):
-    """A hook name this model does not have; the message lists the valid ones."""
+class UnknownHookError(UserError, ValueError):
+    """A hook name this model does not have; the message names the nearest and lists the valid ones."""
 
     def __init__(self, hook: str, valid: list[str], model: str = "", reason: str = ""):
         self.hook, self.valid = hook, valid
         where = f" for {model}" if model else ""
         why = f" ({reason})" if reason else ""
-        super().__init__(f"unknown hook {hook!r}{where}{why}; valid hooks: {', '.join(valid)}")
+        near = nearest(hook, valid)
+        hint = f"; did you mean {near!r}?" if near else ""
+        super().__init__(f"unknown hook {hook!r}{where}{why}{hint} (valid hooks: {', '.join(valid)})")
 
 
 def layout_for(architecture: str) -> Layout:
@@ -87,7 +92,7 @@ def parse_hooks(lm, hooks: list[str] | str) -> list[tuple[str, int, str]]:
     if isinstance(hooks, str):
         hooks = [hooks]
     if not hooks:
-        raise ValueError("no hooks requested")
+        raise UserError("no hooks requested; name at least one, e.g. blocks.3.hook_resid_post")
     parsed = []
     for name in dict.fromkeys(hooks):
         m = _HOOK_RE.fullmatch(name)

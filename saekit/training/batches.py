@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from saekit.config import TrainConfig
+from saekit.errors import ConfigError
 
 
 class BatchStream:
@@ -75,20 +76,21 @@ class BatchStream:
 
 
 def open_store(cfg: TrainConfig, rank: int, world_size: int, device=None):
-    """The store's shuffling loader for this rank: batch_size is global, split evenly over ranks."""
+    """The store's shuffling loader for this rank: batch_tokens is global, split evenly over ranks."""
     from saekit.data.loader import ActivationLoader
     from saekit.data.store import StoreReader, split_rows
 
     data = cfg.data
-    if data.batch_size % world_size:
-        raise ValueError(f"data.batch_size {data.batch_size} is not divisible by the world size {world_size}")
+    if data.batch_tokens % world_size:
+        raise ConfigError(f"config key 'data.batch_tokens' ({data.batch_tokens}) is not divisible by the world "
+                          f"size {world_size}")
     store = StoreReader(data.store)
     if data.heldout_tokens >= store.n_rows:
-        raise ValueError(f"data.heldout_tokens {data.heldout_tokens} leaves no training rows "
-                         f"(the store has {store.n_rows})")
+        raise ConfigError(f"config key 'data.heldout_tokens' ({data.heldout_tokens}) leaves no training rows "
+                          f"(the store has {store.n_rows})")
     row_range, _ = split_rows(store.n_rows, data.heldout_tokens)
     on_gpu = device is not None and torch.device(device).type == "cuda"
-    return ActivationLoader(store, data.hook, data.batch_size // world_size,
+    return ActivationLoader(store, data.hook, data.batch_tokens // world_size,
                             buffer_tokens=data.buffer_tokens, seed=data.seed, rank=rank,
-                            world_size=world_size, prefetch=data.prefetch, row_range=row_range,
+                            world_size=world_size, prefetch=data.prefetch_batches, row_range=row_range,
                             device=device if on_gpu else None)  # pinned, non-blocking copies

@@ -21,19 +21,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from saekit.data.store import atomic_write
+from saekit.files import atomic_path, write_json
 
 CHECKPOINT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 
 
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, json.dumps(data, indent=2).encode())
-
-
 def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def save(run_dir: Path, write: Callable[[Path], None]) -> Path:

@@ -1,6 +1,6 @@
 """Data parallelism under torchrun: process group set-up and the few collectives the trainer needs.
 
-    torchrun --nproc_per_node 2 -m saekit.training.distributed CONFIG.yaml [--key value ...]
+    torchrun --nproc_per_node 2 -m saekit.training CONFIG.yaml [--key value ...]
 
 Every rank reads its own disjoint part of the store; gradients are averaged by DistributedDataParallel
 during backward (so model hooks that edit gradients see the averaged ones); rank 0 writes checkpoints
@@ -9,7 +9,6 @@ and logs. Outside torchrun (no WORLD_SIZE > 1) everything here is a no-op on one
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -87,19 +86,3 @@ def gather_objects(obj, d: Dist) -> list:
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()
-
-
-def main(argv: list[str] | None = None) -> None:
-    from saekit.config import TrainConfig, load_config, parse_override_args
-    from saekit.training.trainer import train
-
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):
-        path, overrides = None, argv
-    else:
-        path, overrides = argv[0], argv[1:]
-    train(load_config(TrainConfig, path, parse_override_args(overrides)))
-
-
-if __name__ == "__main__":
-    main()

@@ -16,11 +16,11 @@ def default_lr(n_latents: int) -> float:
     return 6e-4 / math.sqrt(n_latents / 16384)
 
 
-def dead_tokens(cfg: TrainConfig) -> int:
+def dead_after_tokens(cfg: TrainConfig) -> int:
     """Idle tokens after which a latent counts as dead. 10M suits long runs; a short run would never
     reach it and AuxK would never act, so by default it is a twentieth of the run."""
-    if cfg.model.dead_tokens is not None:
-        return cfg.model.dead_tokens
+    if cfg.dead_after_tokens is not None:
+        return cfg.dead_after_tokens
     return max(1, min(10_000_000, cfg.total_tokens // 20))
 
 
@@ -29,17 +29,18 @@ def base_lr(cfg: TrainConfig) -> float:
 
 
 def lr_factor(tokens: float, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_tokens``, flat, then linear decay to 0 after ``decay_start``.
+    """Linear warm-up over ``lr_warmup_tokens``, flat, then linear decay to 0 after
+    ``lr_decay_start_fraction`` of the run.
 
     The trainer evaluates this at the middle of each step's token interval, so neither the first step
     (warm-up) nor the last (decay) gets a learning rate of exactly 0.
     """
     factor = 1.0
-    if cfg.warmup_tokens > 0:
-        factor = min(1.0, tokens / cfg.warmup_tokens)
-    progress = tokens / cfg.total_tokens
-    if cfg.decay_start < 1.0 and progress > cfg.decay_start:
-        factor *= max(0.0, (1.0 - progress) / (1.0 - cfg.decay_start))
+    if cfg.lr_warmup_tokens > 0:
+        factor = min(1.0, tokens / cfg.lr_warmup_tokens)
+    progress, start = tokens / cfg.total_tokens, cfg.lr_decay_start_fraction
+    if start < 1.0 and progress > start:
+        factor *= max(0.0, (1.0 - progress) / (1.0 - start))
     return factor
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-from saekit.config import TrainConfig, to_dict
+from saekit.config import TrainConfig
+from saekit.files import save_figure
+from saekit.schema import to_dict
 
 # wandb/console names of the logged scalars; loss parts are logged as train/loss/<part>
 CONSOLE_KEYS = {"loss": "loss", "l0": "L0", "fvu": "FVU"}
@@ -90,7 +92,4 @@ def plot_history(history: torch.Tensor, columns: list[str], path: Path) -> None:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.9, wspace=0.3)  # tight_layout is slow
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=100)

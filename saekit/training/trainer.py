@@ -8,8 +8,8 @@
         loss.png        loss, FVU and L0 against tokens
         wandb/          the W&B run, when cfg.wandb
 
-Gradient-trained models take Adam steps on ``forward(x).loss``; closed-form models (class attribute
-``closed_form = True``, e.g. PCA) get ``fit_stream(batches)`` once instead.
+Gradient-trained models take Adam steps on ``forward(x).loss``; closed-form models
+(``Autoencoder.closed_form``, e.g. PCA) get ``fit_stream(batches)`` once instead.
 """
 from __future__ import annotations
 
@@ -23,22 +23,25 @@ import torch
 from torch import Tensor
 
 from saekit.autoencoders import Autoencoder, build
-from saekit.config import ConfigError, TrainConfig, config_diff, resolve_device, to_dict
-from saekit.evaluation.metrics import FiringStats, Metrics, ReconstructionStats
+from saekit.config import TrainConfig, resolve_device
+from saekit.errors import ConfigError, UserError
+from saekit.files import read_json, write_json
+from saekit.metrics import FiringStats, Metrics, ReconstructionStats
+from saekit.schema import config_diff, to_dict
 from saekit.training import checkpoint, distributed
 from saekit.training.batches import BatchStream, open_store
 from saekit.training.data_stats import decoder_bias, input_scale
 from saekit.training.dead_latents import DeadTracker
-from saekit.training.schedule import base_lr, dead_tokens, lr_factor, sparsity_scale
+from saekit.training.schedule import base_lr, dead_after_tokens, lr_factor, sparsity_scale
 from saekit.training.tracking import Tracker, plot_history
 
 INIT_SAMPLE_TOKENS = 16_384  # tokens (over all ranks) used to set the input scale and decoder bias
 HISTORY_COLUMNS = ["step", "tokens", "loss", "fvu", "l0"]
 # Keys that may differ when a run is resumed: where it lives (a moved run dir) and what is displayed.
-DISPLAY_KEYS = ("out", "progress", "wandb", "wandb_project", "log_every")
+DISPLAY_KEYS = ("out", "progress", "wandb", "wandb_project", "log_every_steps")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became inf/nan; the last checkpoint on disk is left as it was."""
 
 
@@ -54,11 +57,13 @@ def train(cfg: TrainConfig, data=None) -> Path:
 
 
 def check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
-    """Refuse a run directory that holds a run with another config, naming the differing keys."""
+    """Refuse a run directory that holds a run with another config, naming the differing keys. A
+    directory with no checkpoint and no model holds no run yet (e.g. a start that failed on a bad
+    value), so its config.json is simply replaced."""
     path = run_dir / "config.json"
-    if not path.exists():
+    if not path.exists() or not (checkpoint.find(run_dir) or (run_dir / "model").exists()):
         return
-    diff = config_diff(json.loads(path.read_text()), json.loads(json.dumps(to_dict(cfg))), DISPLAY_KEYS)
+    diff = config_diff(read_json(path), json.loads(json.dumps(to_dict(cfg))), DISPLAY_KEYS)
     if diff:
         detail = ", ".join(f"{k} ({was!r} -> {now!r})" for k, was, now in diff)
         raise ConfigError(f"{run_dir} already holds a run with a different config; differing keys: "
@@ -99,8 +104,6 @@ class Trainer:
         if device.type == "cuda" and self.dist.enabled:
             device = torch.device("cuda", self.dist.local_rank)
         self.device = device
-        if cfg.autocast not in ("auto", "bf16", "off"):
-            raise ConfigError(f"autocast must be auto, bf16 or off, got {cfg.autocast!r}")
         # bf16 autocast over fp32 master weights: by default on CUDA only (on CPU it is slower).
         self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
         self.data = data
@@ -133,7 +136,7 @@ class Trainer:
             return self.run_dir
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_json(self.run_dir / "config.json", to_dict(cfg))
+            write_json(self.run_dir / "config.json", to_dict(cfg))
 
         ckpt = checkpoint.find(self.run_dir)
         meta, tensors = checkpoint.load_trainer(ckpt) if ckpt else (None, None)
@@ -150,7 +153,8 @@ class Trainer:
         else:
             model, sample = Autoencoder.load(ckpt / "model", self.device), None
         self.model = model
-        if getattr(type(model), "closed_form", False):
+        model.use_kernels(cfg.kernels)
+        if model.closed_form:
             return self._fit_closed_form(model, sample)
         return self._train_gradient(model, ckpt, meta, tensors)
 
@@ -159,18 +163,19 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         first = self.stream.peek(1)
         if not first:
-            raise ValueError("the training data is empty")
+            raise UserError("the training data is empty (no batch of data.batch_tokens rows); harvest more "
+                            "tokens or lower data.batch_tokens")
         batch_tokens = first[0].shape[0] * d.world_size
         n_batches = max(1, math.ceil(min(INIT_SAMPLE_TOKENS, cfg.total_tokens) / batch_tokens))
         batches = self.stream.peek(n_batches)
         local = torch.cat(batches).to(self.device, torch.float32)
         sample = distributed.all_gather_cat(local, d)  # identical sample, hence init, on every rank
         if not torch.isfinite(sample).all():
-            raise ValueError(f"the first {sample.shape[0]} training tokens contain non-finite values "
-                             "(inf/nan); cannot set the input scale and decoder bias from them")
+            raise UserError(f"the first {sample.shape[0]} training tokens contain non-finite values "
+                            "(inf/nan); cannot set the input scale and decoder bias from them")
 
         torch.manual_seed(cfg.seed)
-        model = build(cfg.model.kind, sample.shape[1], cfg.model).to(self.device)
+        model = build(cfg.model, sample.shape[1]).to(self.device)
         with torch.no_grad():
             model.input_scale.fill_(input_scale(sample) if cfg.normalize else 1.0)
             model.init_from_data(sample, decoder_bias(sample, cfg.b_dec_init))
@@ -190,8 +195,8 @@ class Trainer:
     def _fit_closed_form(self, model: Autoencoder, sample: list[Tensor]) -> Path:
         cfg = self.cfg
         if self.dist.enabled:
-            raise ValueError(f"'{cfg.model.kind}' is fitted in closed form in one process; "
-                             "run it without torchrun")
+            raise UserError(f"'{cfg.model.kind}' is fitted in closed form in one process; "
+                            "run it without torchrun")
         self.tracker = Tracker(cfg, self.run_dir, 0, active=True)
         start = time.perf_counter()
 
@@ -218,7 +223,7 @@ class Trainer:
                        kind=cfg.model.kind, closed_form=True)
         self.tracker.summary(summary)
         model.save(self.run_dir / "model")
-        checkpoint.write_json(self.run_dir / "metrics.json", summary)  # last: marks the run finished
+        write_json(self.run_dir / "metrics.json", summary)  # last: marks the run finished
         return self.run_dir
 
     # ---------------------------------------------------------------------------------- gradient
@@ -227,7 +232,7 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         model.train()
         self.base_lr = base_lr(cfg)
-        self.dead_tokens = dead_tokens(cfg)
+        self.dead_after_tokens = dead_after_tokens(cfg)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(param_groups(model), lr=self.base_lr, betas=tuple(cfg.betas),
                                           fused=fused)
@@ -251,7 +256,7 @@ class Trainer:
             before = self.tokens
             self._step(x)
             self.tracker.advance(self.tokens - before)
-            if cfg.log_every > 0 and self.step % cfg.log_every == 0:
+            if cfg.log_every_steps > 0 and self.step % cfg.log_every_steps == 0:
                 self._log(time.perf_counter() - start, self.tokens - start_tokens)
             if every > 0 and self.tokens // every > before // every and self.tokens < cfg.total_tokens:
                 self._save_checkpoint()
@@ -273,7 +278,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # (checkpoints from before lr_scale lack it)
         model.set_sparsity_scale(sparsity_scale(middle, cfg))
-        model.set_dead_mask(self.dead.dead_mask(self.dead_tokens))
+        model.set_dead_mask(self.dead.dead_mask(self.dead_after_tokens))
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.forward(x)
@@ -365,7 +370,7 @@ class Trainer:
         plot_history(torch.tensor(self.history, dtype=torch.float64).reshape(-1, len(HISTORY_COLUMNS)),
                      HISTORY_COLUMNS, self.run_dir / "loss.png")
         self.tracker.summary(summary)
-        checkpoint.write_json(self.run_dir / "metrics.json", summary)  # last: marks the run finished
+        write_json(self.run_dir / "metrics.json", summary)  # last: marks the run finished
 
     # -------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self) -> None:
@@ -403,7 +408,7 @@ class Trainer:
     def _restore(self, ckpt: Path, meta: dict, tensors: dict[str, Tensor]) -> None:
         d = self.dist
         if meta["world_size"] != d.world_size:
-            raise ValueError(f"{ckpt} was written by {meta['world_size']} processes; resume it with the "
+            raise UserError(f"{ckpt} was written by {meta['world_size']} processes; resume it with the "
                              f"same number (this run has {d.world_size})")
         self.step, self.tokens = meta["step"], meta["tokens"]
         self.history = tensors["history"].tolist()

@@ -1,4 +1,4 @@
-"""Shared helpers for the evaluation tests (no tests here): tiny random GPT-2 and BERT models saved in
+"""Shared helpers for the evaluation, downstream and compare tests: tiny random GPT-2 and BERT models saved in
 HF format, with real tokenizers (byte-level BPE; WordPiece with ``##`` pieces) built offline from a
 synthetic corpus, and small stores harvested from them through ``saekit.harvest``.
 """
@@ -80,6 +80,21 @@ def save_tiny(family: str, path: Path, seed: int = 0) -> Path:
 def harvest_store(model_dir: Path, out: Path, corpus_file: Path, max_tokens: int = 3000,
                   context_size: int = 32, hooks=(HOOK,)) -> Path:
     cfg = HarvestConfig(out=str(out), model=str(model_dir), hooks=list(hooks), dataset=str(corpus_file),
-                        context_size=context_size, max_tokens=max_tokens, batch_size=8, shard_sequences=32,
+                        context_size=context_size, max_tokens=max_tokens, batch_sequences=8, shard_sequences=32,
                         device="cpu", progress=False)
     return harvest(cfg)
+
+
+def load_train_check():
+    """scripts/train_check.py (the toy model and resumable synthetic data) as the module ``train_check``,
+    loaded once per process (its dataclasses need their module in sys.modules)."""
+    import importlib.util
+    import sys
+
+    if "train_check" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "scripts" / "train_check.py"
+        spec = importlib.util.spec_from_file_location("train_check", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["train_check"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["train_check"]

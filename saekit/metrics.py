@@ -1,4 +1,6 @@
-"""The one definition of every reconstruction and sparsity metric, as streaming accumulators.
+"""The one definition of every reconstruction and sparsity metric, as streaming accumulators, and of
+the per-token squared error that the training losses and anomaly scores are made of. Training and
+evaluation both import it from here, so neither stage imports the other.
 
 Each accumulator keeps sums (float64 where rounding matters, int64 counts) rather than per-batch
 averages, so a metric over N tokens is the same number however the tokens were split into batches.
@@ -21,6 +23,18 @@ import torch
 from torch import Tensor
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as dense
+
+
+def token_sq_error(x: Tensor, x_hat: Tensor) -> Tensor:
+    """[B] ‖x − x̂‖² of each row: a token's anomaly score, and what MSE averages."""
+    return (x - x_hat).square().sum(-1)
+
+
+def mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """The "mse" loss part of every family: squared error summed over d, averaged over the batch, so it
+    does not scale with the batch size (the mean of ``token_sq_error``; F.mse_loss with reduction="sum"
+    is one fused pass forward and one backward)."""
+    return torch.nn.functional.mse_loss(x_hat, x, reduction="sum") / x.shape[0]
 
 
 class ReconstructionStats:
@@ -124,10 +138,6 @@ class FiringStats:
             self.fire_counts = self.fire_counts + fire_counts
             self.nonzero = self.nonzero + nonzero_total
         self.n += int(n_tokens)
-
-    def merge(self, other: "FiringStats") -> None:
-        if other.n:
-            self.add_counts(other.fire_counts, other.nonzero, other.n)
 
     def density(self) -> Tensor:
         """[n] fraction of the accumulated tokens on which each latent fired."""

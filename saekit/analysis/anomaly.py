@@ -1,7 +1,7 @@
 """Anomaly scores: per-token reconstruction error, and the contexts a model reconstructs worst.
 
-A token's score is its squared reconstruction error ‖x − x̂‖² in raw activation units (so the mean of
-the scores over tokens is metrics.py's MSE); ``relative`` divides it by ‖x − x̄‖², x̄ the mean over the
+A token's score is its squared reconstruction error ‖x − x̂‖² in raw activation units
+(``metrics.token_sq_error``, so the mean of the scores over tokens is metrics.py's MSE); ``relative`` divides it by ‖x − x̄‖², x̄ the mean over the
 scored tokens (so the scores sum to FVU times the number of tokens). Any trained model works: sparse,
 classical or RBM.
 """
@@ -12,23 +12,15 @@ import os
 import torch
 from torch import Tensor
 
+from saekit.lm import load_manifest_tokenizer
+from saekit.metrics import token_sq_error
+
 
 @torch.no_grad()
 def token_scores(model, x: Tensor) -> Tensor:
     """[B] squared reconstruction error of each row of raw activations ``x``."""
     model.eval()
-    return (x.float() - model(x).x_hat.float()).square().sum(-1)
-
-
-def store_tokenizer(reader):
-    """The tokenizer of the model a store was harvested from (offline: built-in name or local path)."""
-    from transformers import AutoTokenizer
-
-    from saekit.lm.loading import resolve_source
-
-    m = reader.manifest
-    source, local = resolve_source(m["model"])
-    return AutoTokenizer.from_pretrained(source, revision=None if local else m.get("revision"))
+    return token_sq_error(x.float(), model(x).x_hat.float())
 
 
 @torch.no_grad()
@@ -60,7 +52,7 @@ def worst_contexts(model, store, hook: str | None = None, top: int = 20,
             s = (s.double() / (x.cpu().double() - mean).square().sum(-1).clamp_min(1e-30)).float()
         order = torch.cat([best_s, s]).argsort(descending=True, stable=True)[:top]
         best_s, best_r = torch.cat([best_s, s])[order], torch.cat([best_r, torch.arange(a, b)])[order]
-    tokenizer = tokenizer or store_tokenizer(reader)
+    tokenizer = tokenizer or load_manifest_tokenizer(reader.manifest)
     seq, pos, tok = reader.token_info(best_r)
     out = []
     for r, sc, q, p, t in zip(best_r.tolist(), best_s.tolist(), seq.tolist(), pos.tolist(), tok.tolist()):

@@ -1,11 +1,14 @@
 """`saekit compare CONFIG.yaml`: train several autoencoders on one store, evaluate each, tabulate, plot.
 
+Orchestration, like demo.py: it calls the harvest, training and evaluation stages; no stage calls it.
+
 The config (every section checked key by key, like every saekit config):
 
     out: runs/compare                 # report, plots, and runs/<name>/ for every model
     store: runs/store                 # harvested first (with `harvest:`) unless a complete store is there
     harvest: {...}                    # HarvestConfig keys; `out` is set to `store`
-    train: {...}                      # TrainConfig keys shared by every model; `out` and `data.store` are set
+    train: {...}                      # TrainConfig keys shared by every model (merged under each entry, then
+                                      # checked as that entry's kind); `out` and `data.store` are set
     eval: {...}                       # EvalConfig keys; `run` and `out` are set per model
     models:                           # one entry per model, or per point of a sweep
       - name: topk                    # run name (default: the kind); sweeps append e.g. "-k16"
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -29,23 +33,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saekit.config import (ConfigError, EvalConfig, HarvestConfig, TrainConfig, apply_overrides, from_dict,
-                           load_config, to_dict)
+from saekit.config import EvalConfig, HarvestConfig, Section, TrainConfig, load_config
+from saekit.errors import ConfigError
+from saekit.files import atomic_write, save_figure, write_json
+from saekit.schema import apply_overrides, from_dict, to_dict
 
 REPORT_MD, REPORT_CSV, REPORT_JSON = "compare.md", "compare.csv", "compare.json"
 PLOT_FVU, PLOT_DOWNSTREAM = "pareto_fvu_l0.png", "pareto_downstream_l0.png"
 _SHORT = {"l1_coefficient": "l1", "l0_coefficient": "l0", "n_latents": "n", "noise_level": "noise",
-          "contractive_coefficient": "c", "total_tokens": "tok", "jumprelu_threshold": "theta"}
+          "contractive_coefficient": "c", "total_tokens": "tok", "initial_threshold": "theta"}
 _AXIS = {"ce_loss_recovered": "CE loss recovered (vs zero-ablation)",
          "cosine_spliced": "cosine(clean, spliced) sentence embedding"}
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(Section):
     out: str = "runs/compare"
     store: str = "runs/store"
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    # Kept as written: its model keys may suit only some kinds, so it is checked per entry, in plan().
+    train: dict = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
     models: list[dict] = field(default_factory=list)
 
@@ -75,13 +82,14 @@ def plan(cfg: CompareConfig) -> list[tuple[str, TrainConfig]]:
     """(run name, TrainConfig) for every model and sweep point, in config order; names are unique."""
     if not cfg.models:
         raise ConfigError("compare: `models` is empty; list at least one model")
-    base = to_dict(cfg.train)
+    base = cfg.train
     runs: list[tuple[str, TrainConfig]] = []
     for i, entry in enumerate(cfg.models):
         if not isinstance(entry, dict):
             raise ConfigError(f"compare: models[{i}] must be a mapping, got {entry!r}")
         entry = dict(entry)
-        name = str(entry.pop("name", None) or (entry.get("model") or {}).get("kind") or cfg.train.model.kind)
+        name = str(entry.pop("name", None) or (entry.get("model") or {}).get("kind")
+                   or (base.get("model") or {}).get("kind") or "topk")
         sweep = entry.pop("sweep", None) or {}
         if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
             raise ConfigError(f"compare: models[{i}].sweep must map keys to non-empty lists, got {sweep!r}")
@@ -91,7 +99,7 @@ def plan(cfg: CompareConfig) -> list[tuple[str, TrainConfig]]:
             data = apply_overrides(data, point)
             run_name = name + "".join(f"-{_point_label(k, v)}" for k, v in point.items())
             data["out"] = str(Path(cfg.out) / "runs" / run_name)
-            data["data"]["store"] = cfg.store
+            data.setdefault("data", {})["store"] = cfg.store
             data["progress"] = False
             try:
                 train_cfg = from_dict(TrainConfig, data)
@@ -127,8 +135,10 @@ def compare(path: str | Path | None, overrides: dict[str, Any] | None = None) ->
 
 
 def run_compare(cfg: CompareConfig) -> Path:
+    from saekit.config import resolve_device
     from saekit.data.store import StoreReader
-    from saekit.evaluation.evaluate import EVAL_FILE, evaluate_run, load_store_lm
+    from saekit.evaluation.evaluate import EVAL_FILE, evaluate_run
+    from saekit.lm import load_manifest_lm
     from saekit.training import train
 
     runs = plan(cfg)  # config errors surface before any harvesting or training
@@ -143,10 +153,10 @@ def run_compare(cfg: CompareConfig) -> Path:
         result = _cached_eval(run_dir / EVAL_FILE, eval_cfg)
         if result is None:
             if lm is None and eval_cfg.downstream:
-                lm = load_store_lm(reader, _device(eval_cfg))
+                lm = load_manifest_lm(reader.manifest, resolve_device(eval_cfg.device))
             result = evaluate_run(eval_cfg, lm=lm)
         rows.append(table_row(name, result))
-    _write_json(out / REPORT_JSON, rows)
+    write_json(out / REPORT_JSON, rows)
     write_csv(rows, out / REPORT_CSV)
     report = write_markdown(rows, out / REPORT_MD, store=reader)
     plot_pareto(rows, "fvu", "FVU (held out)", out / PLOT_FVU)
@@ -156,24 +166,12 @@ def run_compare(cfg: CompareConfig) -> Path:
     return report
 
 
-def _device(cfg: EvalConfig):
-    from saekit.config import resolve_device
-
-    return resolve_device(cfg.device)
-
-
 def _cached_eval(path: Path, cfg: EvalConfig) -> dict | None:
     """A previous eval.json made with the same evaluation settings, else None."""
     if not path.exists():
         return None
     old = json.loads(path.read_text())
     return old if old.get("eval_config") == json.loads(json.dumps(to_dict(cfg))) else None
-
-
-def _write_json(path: Path, data) -> None:
-    from saekit.evaluation.evaluate import write_json
-
-    write_json(path, data)
 
 
 # ------------------------------------------------------------------------------------------- table
@@ -216,11 +214,12 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     keys = [k for k, _ in COLUMNS] + ["downstream_name", "probe_accuracy_raw", "probe_chance",
                                       "rbm_mean_error_start", "rbm_cov_error_start", "rbm_gibbs_steps",
                                       "dead_window_tokens", "run"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: ("" if row.get(k) is None else row[k]) for k in keys})
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in keys})
+    atomic_write(path, text.getvalue())
     return path
 
 
@@ -272,7 +271,7 @@ def write_markdown(rows: list[dict], path: Path, store=None) -> Path:
     lines += [f"![FVU against L0]({PLOT_FVU})", ""]
     if down_name:
         lines += [f"![downstream against L0]({PLOT_DOWNSTREAM})", ""]
-    Path(path).write_text("\n".join(lines))
+    atomic_write(path, "\n".join(lines))
     return Path(path)
 
 
@@ -321,6 +320,4 @@ def plot_pareto(rows: list[dict], key: str, ylabel: str, path: Path, higher_is_b
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
