@@ -56,6 +56,8 @@ class HarvestConfig(Section):
     dataset_config: str | None = None
     split: str = "train"
     text_column: str = "text"
+    text_encoding: str = "utf-8"  # of local text files
+    text_errors: Literal["strict", "replace", "ignore"] = "strict"  # an undecodable byte: error, U+FFFD, drop
     context_size: int = value(128, ge=2)  # tokens per window, special tokens included
     max_tokens: int = value(200_000, ge=1)  # activation rows to store per hook (special tokens excluded)
     keep_special_tokens: bool = False

@@ -11,12 +11,14 @@ import dataclasses
 import itertools
 import queue
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from saekit.config import HarvestConfig, resolve_device, resolve_dtype
-from saekit.errors import ConfigError
+from saekit.errors import ConfigError, UserError
+from saekit.files import directory_lock
 from saekit.data.store import StoreWriter
 from saekit.data.text import corpus_id, iter_texts
 from saekit.data.tokens import iter_windows, special_mask
@@ -75,21 +77,41 @@ class Harvester:
             raise ConfigError(f"config key 'context_size' ({cfg.context_size}) exceeds the model's {lm.n_ctx} "
                               "positions")
         self.capture = make_capture(lm, cfg.hooks, backend=cfg.backend)  # validates hook names first
+        if next(self.texts(), None) is None:  # refuse before a store directory exists
+            raise UserError(f"dataset {cfg.dataset!r} holds no text (no non-empty document); nothing to harvest")
+        # From here on this process writes cfg.out: hold its lock until run() ends.
+        self._lock = ExitStack()
+        self._lock.enter_context(directory_lock(cfg.out, "harvest"))
+        try:
+            self.writer = self._open_store(lm)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open_store(self, lm) -> StoreWriter:
+        cfg = self.cfg
         meta = {"model": cfg.model, "revision": cfg.revision, "architecture": lm.architecture,
                 "tokenizer": getattr(lm.tokenizer, "name_or_path", cfg.model), "corpus": corpus_id(cfg.dataset)}
-        self.writer = StoreWriter(cfg.out, meta=meta, config=fingerprint(cfg), hooks=cfg.hooks,
-                                  d_model=lm.d_model, dtype=cfg.dtype, shard_sequences=cfg.shard_sequences,
-                                  tokenizer=lm.tokenizer, context_size=cfg.context_size,
-                                  keep_special_tokens=cfg.keep_special_tokens, max_rows=cfg.max_tokens)
+        return StoreWriter(cfg.out, meta=meta, config=fingerprint(cfg), hooks=cfg.hooks, d_model=lm.d_model,
+                           dtype=cfg.dtype, shard_sequences=cfg.shard_sequences, tokenizer=lm.tokenizer,
+                           context_size=cfg.context_size, keep_special_tokens=cfg.keep_special_tokens,
+                           max_rows=cfg.max_tokens)
+
+    def texts(self):
+        cfg = self.cfg
+        return iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column, cfg.text_encoding,
+                          cfg.text_errors)
 
     def windows(self):
         """The packed token windows still to harvest, in order (resume skips those on disk)."""
-        cfg = self.cfg
-        texts = iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column)
-        windows = iter_windows(self.lm.tokenizer, texts, cfg.context_size)
+        windows = iter_windows(self.lm.tokenizer, self.texts(), self.cfg.context_size)
         return itertools.islice(windows, self.writer.sequences_done, None)
 
     def run(self) -> Path:
+        with self._lock:
+            return self._run()
+
+    def _run(self) -> Path:
         cfg, writer = self.cfg, self.writer
         if writer.complete:
             return Path(cfg.out)
@@ -116,6 +138,9 @@ class Harvester:
             background.close()
             bar.close()
             self.capture.close()
+        if rows == 0:  # never mark an empty store complete: training would fail later, misleadingly
+            raise UserError(f"{cfg.out}: the text gave no activation rows (every token is a special token, "
+                            "or the documents are too short); check the dataset, or keep_special_tokens: true")
         writer.finish()
         return Path(cfg.out)
 

@@ -98,7 +98,7 @@ def test_run_dir_layout_and_outputs(tmp_path):
     out = train(cfg, data=data)
     assert out == tmp_path / "run"
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == ["checkpoint/model/config.json", "checkpoint/model/model.safetensors",
+    assert files == [".saekit.lock", "checkpoint/model/config.json", "checkpoint/model/model.safetensors",
                      "checkpoint/optimizer.json", "checkpoint/optimizer.safetensors",
                      "checkpoint/trainer.json", "checkpoint/trainer.safetensors", "config.json",
                      "loss.png", "metrics.json", "model/config.json", "model/model.safetensors"]

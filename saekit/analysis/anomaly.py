@@ -30,8 +30,8 @@ def worst_contexts(model, store, hook: str | None = None, top: int = 20,
                    device="cpu") -> list[dict]:
     """The ``top`` store rows in ``rows`` (default: all) with the largest error, worst first.
 
-    Each entry: ``row``, ``sequence``, ``position``, ``score``, ``token`` (decoded), ``context`` (decoded
-    tokens around it, clipped to its window), ``index`` (where the token sits in ``context``) and
+    Each entry: ``row``, ``sequence``, ``position``, ``score``, ``token`` (decoded), ``ids`` and
+    ``context`` (the token ids around it, clipped to its window, and each decoded alone), ``index`` (where the token sits in ``context``) and
     ``text`` (the context joined, the token marked ``[[like this]]``)."""
     from saekit.data.store import StoreReader
 
@@ -59,7 +59,7 @@ def worst_contexts(model, store, hook: str | None = None, top: int = 20,
         ids, index = reader.context(q, p, left, right)
         pieces = [tokenizer.decode([i]) for i in ids]
         out.append({"row": r, "sequence": q, "position": p, "score": sc, "token": tokenizer.decode([t]),
-                    "context": pieces, "index": index, "text": mark_context(tokenizer, ids, index)})
+                    "ids": ids, "context": pieces, "index": index, "text": mark_context(tokenizer, ids, index)})
     return out
 
 

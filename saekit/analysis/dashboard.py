@@ -1,7 +1,9 @@
 """Feature cards as self-contained HTML: one static file for the browser, ``_repr_html_`` for Jupyter.
 
 Every string that came from a tokenizer or a dataset goes through ``html.escape`` (via ``_e``) before it
-reaches the page; numbers are formatted, never interpolated raw. The page needs no network: styles and
+reaches the page, tokens first through ``visible`` (control characters as their Unicode control
+pictures: a NUL from a byte-level tokenizer shows as ␀, not as nothing); numbers are formatted, never
+interpolated raw. The page needs no network: styles and
 the sorting script are inline, histograms are inline SVG.
 """
 from __future__ import annotations
@@ -15,6 +17,20 @@ from saekit.files import atomic_write, write_json
 
 def _e(text) -> str:
     return html.escape(str(text), quote=True)
+
+
+# C0 control characters and DEL -> U+2400.. control pictures; tab and newline stay layout.
+_CONTROL_PICTURES = {c: 0x2400 + c for c in range(0x20) if chr(c) not in "\t\n"} | {0x7F: 0x2421}
+
+
+def visible(token: str) -> str:
+    """``token`` with every control character but tab and newline shown as its control picture."""
+    return str(token).translate(_CONTROL_PICTURES)
+
+
+def _t(token) -> str:
+    """A token as page text: made visible, then escaped."""
+    return _e(visible(token))
 
 
 @dataclass
@@ -63,7 +79,7 @@ class FeatureCard:
 
 
 def _token_list(items) -> str:
-    return " ".join(f'<span class="tok">{_e(t)}</span><sub>{v:+.2f}</sub>' for t, v in items)
+    return " ".join(f'<span class="tok">{_t(t)}</span><sub>{v:+.2f}</sub>' for t, v in items)
 
 
 def _example_html(ex: Example, scale: float) -> str:
@@ -72,7 +88,7 @@ def _example_html(ex: Example, scale: float) -> str:
         alpha = 0.0 if scale <= 0 else max(0.0, min(1.0, act / scale))
         cls = "tok center" if i == ex.center else "tok"
         spans.append(f'<span class="{cls}" style="background:rgba(255,120,0,{alpha:.2f})" '
-                     f'title="{act:.3g}">{_e(tok)}</span>')
+                     f'title="{act:.3g}">{_t(tok)}</span>')
     return f'<div class="ex"><span class="act">{ex.activation:.3g}</span>{"".join(spans)}</div>'
 
 
@@ -128,7 +144,7 @@ def index_html(cards: list[FeatureCard]) -> str:
         rows.append(f'<tr><td data-v="{c.latent}"><a href="#f{c.latent}">{c.latent}</a></td>'
                     f'<td data-v="{c.density:.6g}">{c.density:.3%}</td>'
                     f'<td data-v="{c.max_act:.6g}">{c.max_act:.3g}</td>'
-                    f'<td data-v="{_e(top_tok)}"><span class="tok">{_e(top_tok)}</span></td></tr>')
+                    f'<td data-v="{_t(top_tok)}"><span class="tok">{_t(top_tok)}</span></td></tr>')
     return head + "".join(rows) + "</tbody></table>"
 
 
@@ -136,7 +152,7 @@ def anomaly_html(entries: list[dict]) -> str:
     """The worst-reconstructed tokens (from anomaly.worst_contexts), the token highlighted."""
     rows = []
     for e in entries:
-        ctx = "".join(f'<span class="tok{" center" if i == e["index"] else ""}">{_e(t)}</span>'
+        ctx = "".join(f'<span class="tok{" center" if i == e["index"] else ""}">{_t(t)}</span>'
                       for i, t in enumerate(e["context"]))
         rows.append(f'<div class="ex"><span class="act">{e["score"]:.3g}</span>{ctx}</div>')
     return "".join(rows)

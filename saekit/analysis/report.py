@@ -237,6 +237,8 @@ class FeatureReport:
         if worst:
             entries = worst_contexts(self.model, self.reader, self.hook, top=worst,
                                      rows=(0, st.n_tokens), tokenizer=self.tokenizer)
+            for entry in entries:  # word pieces as running text, like the cards
+                entry["context"] = self.token_str(entry["ids"])
             sections.append((f"Worst-reconstructed tokens (squared error, top {worst})", anomaly_html(entries)))
         return write_dashboard(cards, path, title, summary, sections)
 

@@ -33,8 +33,8 @@ from safetensors import safe_open
 
 import saekit
 from saekit.errors import UserError
-from saekit.files import atomic_write
-from saekit.schema import config_diff
+from saekit.files import atomic_write, sha256_file, write_json
+from saekit.schema import check_choice, config_diff
 
 from .tokens import tokenizer_meta
 
@@ -83,15 +83,40 @@ def shard_name(index: int) -> str:
 def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StoreError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{path}: not a saekit activation store (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise StoreError(f"{path}: not a saekit activation store (format {found!r})")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise StoreError(f"{path}: store format version {manifest['format_version']} is newer than this "
                          f"saekit ({SAEKIT_VERSION}) reads ({FORMAT_VERSION})")
+    _check_schema(path, manifest, _MANIFEST_SCHEMA, "")
+    for i, shard in enumerate(manifest["shards"]):
+        _check_schema(path, shard, _SHARD_SCHEMA, f"shards[{i}].")
+    if manifest["dtype"] not in DTYPES:
+        raise StoreError(f"{path}: dtype {manifest['dtype']!r} is not one of {', '.join(DTYPES)}")
     return manifest
+
+
+# What a manifest must hold, and of which type (bool is not an int here).
+_MANIFEST_SCHEMA = {"hooks": list, "d_model": int, "dtype": str, "context_size": int, "n_rows": int,
+                    "n_sequences": int, "complete": bool, "shards": list}
+_SHARD_SCHEMA = {"file": str, "bytes": int, "sha256": str, "first_row": int, "n_rows": int,
+                 "first_sequence": int, "n_sequences": int}
+
+
+def _check_schema(path: Path, entry, schema: dict, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise StoreError(f"{path}: {where.rstrip('.') or 'the manifest'} is not a JSON object; the manifest is "
+                         "damaged (restore it, or delete the store and harvest again)")
+    for key, kind in schema.items():
+        value = entry.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            got = "missing" if key not in entry else f"{type(value).__name__} {value!r}"
+            raise StoreError(f"{path}: '{where}{key}' should be a {kind.__name__}, got {got}; the manifest is "
+                             "damaged (restore it, or delete the store and harvest again)")
 
 
 # ------------------------------------------------------------------------------------------- writer
@@ -124,8 +149,7 @@ class StoreWriter:
             meta["context_size"] = context_size
         if keep_special_tokens is not None:
             meta["keep_special_tokens"] = keep_special_tokens
-        if dtype not in DTYPES:
-            raise ValueError(f"store dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        check_choice(dtype, DTYPES, "store dtype")
         if "context_size" not in meta:
             raise ValueError("meta must give context_size")
         if shard_sequences < 1:
@@ -309,7 +333,7 @@ class StoreWriter:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        atomic_write(self.directory / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
+        write_json(self.directory / MANIFEST, self.manifest, indent=1)
 
     # ------------------------------------------------------------------------------------ resume
     @staticmethod
@@ -329,11 +353,16 @@ class StoreWriter:
                 f"directory or delete this one to start over. Differences:\n" + "\n".join(diffs))
 
     def _check_listed_shards(self) -> None:
+        """Every listed shard is there, whole and unaltered (sha256, streamed) before anything is added:
+        a resume never extends, nor marks complete, a store holding a damaged shard."""
         for shard in self.manifest["shards"]:
             path = self.directory / shard["file"]
             if not path.exists() or path.stat().st_size != shard["bytes"]:
                 raise CorruptShardError(f"{path}: listed in the manifest but missing or truncated; the "
-                                        f"store cannot be resumed")
+                                        f"store cannot be resumed (delete the directory to start over)")
+            if sha256_file(path) != shard["sha256"]:
+                raise CorruptShardError(f"{path}: does not match its sha256 checksum in the manifest; the "
+                                        "store cannot be resumed (delete the directory to start over)")
 
     def _discard_unlisted(self) -> None:
         """Delete our own temp files and shards the manifest does not list (a run killed mid-write)."""

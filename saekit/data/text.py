@@ -30,7 +30,7 @@ class TextColumnError(UserError, KeyError):
 
 
 def iter_texts(dataset: str, dataset_config: str | None = None, split: str = "train",
-               text_column: str = "text") -> Iterator[str]:
+               text_column: str = "text", encoding: str = "utf-8", errors: str = "strict") -> Iterator[str]:
     """Yield documents from ``dataset``.
 
     ``dataset`` is one of:
@@ -40,7 +40,8 @@ def iter_texts(dataset: str, dataset_config: str | None = None, split: str = "tr
         blank-line-separated paragraph (so a large file never becomes one giant string);
         the other formats yield ``text_column`` of each record;
       * otherwise a HuggingFace dataset name, streamed (nothing is downloaded up front).
-    Empty documents are skipped.
+    Empty documents are skipped. Local files are decoded with ``encoding``; a byte that does not decode
+    is an error naming the file and its offset unless ``errors`` is "replace" or "ignore".
     """
     if dataset.startswith("builtin:"):
         name = dataset[len("builtin:"):]
@@ -50,8 +51,11 @@ def iter_texts(dataset: str, dataset_config: str | None = None, split: str = "tr
         yield from BUILTIN_CORPORA[name]()
         return
     if os.path.exists(dataset):
-        yield from _iter_local(Path(dataset), text_column)
+        yield from _iter_local(Path(dataset), text_column, encoding, errors)
         return
+    if dataset.startswith(("/", "./", "../", "~")) or Path(dataset).suffix in _BUILDERS:
+        raise UserError(f"dataset {dataset!r}: no such file or directory (a Hub dataset is named like "
+                        "ORG/NAME, without a file suffix)")
     from datasets import load_dataset
 
     ds = load_dataset(dataset, dataset_config, split=split, streaming=True)
@@ -69,7 +73,8 @@ def _column(records, text_column: str, where: str) -> Iterator[str]:
             yield text
 
 
-def _iter_local(path: Path, text_column: str) -> Iterator[str]:
+def _iter_local(path: Path, text_column: str, encoding: str = "utf-8",
+                errors: str = "strict") -> Iterator[str]:
     from datasets import load_dataset
 
     if path.is_dir():
@@ -91,15 +96,39 @@ def _iter_local(path: Path, text_column: str) -> Iterator[str]:
             runs.append((builder, [str(f)]))
     for builder, data_files in runs:
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        if builder != "parquet":
+            kwargs.update(encoding=encoding, encoding_errors=errors)
         # streaming: read lazily, and write no Arrow cache next to the user's data.
         ds = load_dataset(builder, data_files=data_files, split="train", streaming=True, **kwargs)
         column = "text" if builder == "text" else text_column
-        for text in _column(ds, column, str(path)):
-            if builder == "text":
-                text = text.strip()  # paragraph splitting leaves stray newlines at the edges
-                if not text:
-                    continue
-            yield text
+        try:
+            for text in _column(ds, column, str(path)):
+                if builder == "text":
+                    text = text.strip()  # paragraph splitting leaves stray newlines at the edges
+                    if not text:
+                        continue
+                yield text
+        except UnicodeDecodeError:
+            raise _undecodable(data_files, encoding) from None
+
+
+def _undecodable(files: list[str], encoding: str) -> UserError:
+    """The error for the first byte of ``files`` that does not decode: the file and its offset."""
+    import codecs
+
+    for name in files:
+        decoder, offset = codecs.getincrementaldecoder(encoding)(), 0
+        with open(name, "rb") as f:
+            while block := f.read(1 << 20):
+                pending = len(decoder.getstate()[0])  # bytes of a character split across blocks
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as err:
+                    at = offset - pending + err.start
+                    return UserError(f"{name}: byte {at} is not valid {encoding} text; convert "
+                                     "the file, or set text_encoding (e.g. latin-1) or text_errors: replace")
+                offset += len(block)
+    return UserError(f"{', '.join(files)}: not valid {encoding} text; set text_encoding or text_errors: replace")
 
 
 # ----------------------------------------------------------------------------- built-in corpora

@@ -37,6 +37,7 @@ from torch import Tensor
 from saekit.autoencoders import Autoencoder
 from saekit.lm import make_capture, splice
 from saekit.lm.capture import position_ids_for
+from saekit.schema import check_choice
 
 POSITIONS = ("real", "all")
 MODES = ("spliced", "zero", "mean", "with_error")
@@ -110,8 +111,7 @@ class _Replacement:
 
 def splice_positions(tokenizer, ids: Tensor, mask: Tensor, positions: str) -> Tensor:
     """Bool [B, T]: where the splice replaces activations."""
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    check_choice(positions, POSITIONS, "splice positions")
     where = mask.bool()
     if positions == "real":
         from saekit.data.tokens import special_mask

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import Tensor
 
+from saekit.schema import check_choice
+
 
 def input_scale(x: Tensor) -> float:
     """The s with E‖s·x‖² = d, so loss coefficients and learning rates transfer across models/layers."""
@@ -31,11 +33,11 @@ def geometric_median(x: Tensor, iters: int = 32, eps: float = 1e-8) -> Tensor:
 
 
 def decoder_bias(x: Tensor, method: str) -> Tensor:
-    """Initial decoder bias in raw activation units: "geometric_median", "mean" or "zeros"."""
+    """Initial decoder bias in raw activation units: "geometric_median", "mean" or "zeros" (the
+    choices of TrainConfig.b_dec_init)."""
+    check_choice(method, ("geometric_median", "mean", "zeros"), "b_dec_init")
     if method == "geometric_median":
         return geometric_median(x).to(x.dtype)
     if method == "mean":
         return x.double().mean(0).to(x.dtype)
-    if method == "zeros":
-        return torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
-    raise ValueError(f"unknown b_dec_init '{method}'; valid: geometric_median, mean, zeros")
+    return torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)

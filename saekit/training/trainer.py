@@ -17,6 +17,7 @@ import json
 import math
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 from saekit.autoencoders import Autoencoder, build
 from saekit.config import TrainConfig, resolve_device
 from saekit.errors import ConfigError, UserError
-from saekit.files import read_json, write_json
+from saekit.files import directory_lock, read_json, write_json
 from saekit.metrics import FiringStats, Metrics, ReconstructionStats
 from saekit.schema import config_diff, to_dict
 from saekit.training import checkpoint, distributed
@@ -116,8 +117,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------- driver
     def run(self) -> Path:
         failed = True
+        # Rank 0 holds the run directory's lock: a second training into it is refused with our PID.
+        lock = directory_lock(self.run_dir, "train") if self.dist.is_main else nullcontext()
         try:
-            out = self._run()
+            with lock:
+                out = self._run()
             failed = False
             return out
         finally:
