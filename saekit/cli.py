@@ -54,6 +54,18 @@ def cmd_compare(path, extra):
     print(f"report: {compare(path, parse_override_args(extra))}")
 
 
+def cmd_import(targets, extra):
+    from saekit.interop.runs import import_run
+    from saekit.schema import parse_override_args
+
+    options = parse_override_args(extra)
+    unknown = set(options) - {"store", "hook"}
+    if unknown:
+        raise UserError(f"saekit import takes --store STORE and --hook HOOK, not --{sorted(unknown)[0]}")
+    source, run_dir = targets
+    print(f"run: {import_run(source, run_dir, options.get('store'), options.get('hook'))}")
+
+
 def cmd_demo(path, extra):
     from saekit.demo import run_demo
     from saekit.schema import parse_override_args
@@ -67,6 +79,7 @@ COMMANDS = {
     "evaluate": (cmd_evaluate, "RUN_DIR", "metrics for a trained run (written beside the model)"),
     "analyze": (cmd_analyze, "RUN_DIR", "top-activating contexts and an HTML dashboard"),
     "compare": (cmd_compare, "CONFIG", "train and evaluate several families on one store"),
+    "import": (cmd_import, "SOURCE RUN_DIR", "an SAELens or sparsify SAE as a run directory (--store, --hook)"),
     "demo": (cmd_demo, "CONFIG", "harvest, train, evaluate and analyze on the built-in model"),
 }
 
@@ -78,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, arg, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text,
                            description=f"{help_text}. Extra --key value pairs override the config.")
-        optional = arg == "CONFIG"
-        p.add_argument("target", metavar=arg, nargs="?" if optional else None, default=None)
+        for i, metavar in enumerate(arg.split()):
+            p.add_argument(f"target{i}", metavar=metavar, nargs="?" if metavar == "CONFIG" else None)
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -87,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints usage/help and exits
     # Parsed by hand so "--key value" overrides never get mistaken for the positional argument.
     command, rest = argv[0], argv[1:]
-    target = rest.pop(0) if rest and not rest[0].startswith("--") else None
-    if target is None and COMMANDS[command][1] == "RUN_DIR":
-        parser.error(f"saekit {command} needs a RUN_DIR")
+    names = COMMANDS[command][1].split()
+    targets = []
+    while rest and not rest[0].startswith("--") and len(targets) < len(names):
+        targets.append(rest.pop(0))
+    if len(targets) < len(names) and names != ["CONFIG"]:
+        parser.error(f"saekit {command} needs {' '.join(names)}")
+    target = targets if len(names) > 1 else (targets[0] if targets else None)
     try:
         COMMANDS[command][0](target, rest)
     except UserError as err:

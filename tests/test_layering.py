@@ -13,6 +13,7 @@ ALLOWED = {
     "data": {"schema", "errors", "files"},
     "metrics": set(), "files": {"errors"}, "errors": set(), "schema": {"errors"},
     "config": {"autoencoders", "schema", "errors"},
+    "interop": {"autoencoders", "schema", "errors", "files", "config", "data"},
 }
 
 

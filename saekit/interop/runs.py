@@ -1,0 +1,46 @@
+"""`saekit import SOURCE RUN_DIR`: a foreign SAE as a saekit run directory, so that `saekit evaluate` and
+`saekit analyze` treat it like one trained here.
+
+    RUN_DIR/model/        the converted model (saekit's own format; loads with Autoencoder.load)
+    RUN_DIR/import.json   where it came from: format, source path, architecture, metadata, conversion notes
+    RUN_DIR/config.json   a TrainConfig naming the store and hook to evaluate on (when a store is given)
+
+Nothing is trained: the run has no checkpoint and no metrics.json.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from saekit.config import DataConfig, TrainConfig
+from saekit.errors import UserError
+from saekit.files import write_json
+from saekit.interop import load_foreign
+from saekit.schema import to_dict
+
+IMPORT_FILE = "import.json"
+
+
+def import_run(source: str | Path, run_dir: str | Path, store: str | None = None, hook: str | None = None) -> Path:
+    """Convert the SAE in ``source`` into ``run_dir``; ``store`` (an activation store of the model it was
+    trained on) and ``hook`` (default: the hook its files name) make the run evaluable and analyzable."""
+    run_dir = Path(run_dir)
+    if (run_dir / "model").exists() or (run_dir / "checkpoint").exists():
+        raise UserError(f"{run_dir} already holds a run; import into a new directory")
+    model, info = load_foreign(source)
+    hook = hook or info.get("hook_name")
+    if store is not None:
+        from saekit.data.store import StoreReader
+
+        reader = StoreReader(store, verify=False)
+        hook = hook or reader.hooks[0]
+        if hook not in reader.hooks:
+            raise UserError(f"{store}: has no hook {hook!r} (it has {', '.join(reader.hooks)}); pass --hook")
+        if reader.d_model != model.d_in:
+            raise UserError(f"{store}: activations of width {reader.d_model}, but the SAE in {source} reads "
+                            f"{model.d_in}; name the store of the model and hook it was trained on")
+    model.save(run_dir / "model")
+    write_json(run_dir / IMPORT_FILE, {**info, "source": str(source)})
+    if store is not None:
+        cfg = TrainConfig(out=str(run_dir), model=model.cfg, data=DataConfig(store=str(store), hook=hook))
+        write_json(run_dir / "config.json", to_dict(cfg))
+    return run_dir

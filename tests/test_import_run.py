@@ -1,0 +1,64 @@
+"""`saekit import`: a SAELens SAE saved by the real library becomes a run directory that `saekit evaluate`
+scores like one trained here (on a synthetic store of the SAE's width)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from saekit.autoencoders import Autoencoder
+from saekit.data.store import StoreReader, StoreWriter
+from saekit.interop import load_foreign
+from saekit.metrics import Metrics
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "interop" / "saelens_topk"
+HOOK = "blocks.3.hook_resid_pre"  # as the fixture's cfg.json names it
+
+
+def saekit(*args):
+    return subprocess.run([sys.executable, "-m", "saekit.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def synthetic_store(path: Path, d: int, hook: str = HOOK) -> Path:
+    g = torch.Generator().manual_seed(0)
+    meta = {"model": "synthetic", "context_size": 16, "tokenizer": {"name": "synthetic", "special_ids": []}}
+    with StoreWriter(path, meta, {"synthetic": True}, [hook], d, shard_sequences=8) as w:
+        for _ in range(4):
+            tokens = torch.randint(5, 500, (8, 16), generator=g)
+            w.add(tokens, torch.ones(8, 16, dtype=torch.bool), {hook: torch.randn(8, 16, d, generator=g) * 2})
+        w.finish()
+    return path
+
+
+def test_import_then_evaluate(tmp_path):
+    store = synthetic_store(tmp_path / "store", d=13)
+    run = tmp_path / "run"
+    p = saekit("import", FIXTURE, run, "--store", store)
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads((run / "import.json").read_text())
+    assert info["format"] == "saelens" and info["hook_name"] == HOOK and info["model_name"] == "gpt2"
+    model = Autoencoder.load(run / "model").eval()
+    source, _ = load_foreign(FIXTURE)
+    x = StoreReader(store).activations(HOOK, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model(x).x_hat, source(x).x_hat)
+    p = saekit("evaluate", run, "--downstream", "false", "--device", "cpu")
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((run / "eval.json").read_text())["reconstruction"]
+    want = Metrics(model.n_latents)
+    with torch.no_grad():
+        want.update(x, model(x))  # the store has fewer rows than the default held-out window: all of it
+    assert result["l0"] <= 5 and abs(result["fvu"] - want.compute()["fvu"]) < 1e-9
+
+
+def test_import_errors_are_one_line(tmp_path):
+    store = synthetic_store(tmp_path / "store", d=9)
+    p = saekit("import", FIXTURE, tmp_path / "run", "--store", store)
+    assert p.returncode == 2 and "activations of width 9, but the SAE" in p.stderr and "Traceback" not in p.stderr
+    p = saekit("import", tmp_path / "nothing", tmp_path / "run")
+    assert p.returncode == 2 and "no such directory" in p.stderr
+    assert saekit("import", FIXTURE, tmp_path / "run2").returncode == 0
+    p = saekit("import", FIXTURE, tmp_path / "run2")
+    assert p.returncode == 2 and "already holds a run" in p.stderr
