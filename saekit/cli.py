@@ -66,6 +66,18 @@ def cmd_import(targets, extra):
     print(f"run: {import_run(source, run_dir, options.get('store'), options.get('hook'))}")
 
 
+def cmd_export(targets, extra):
+    from saekit.interop.runs import export_run
+    from saekit.schema import parse_override_args
+
+    options = parse_override_args(extra)
+    unknown = set(options) - {"format"}
+    if unknown:
+        raise UserError(f"saekit export takes --format saelens|sparsify, not --{sorted(unknown)[0]}")
+    run_dir, out = targets
+    print(f"exported: {export_run(run_dir, out, options.get('format', 'saelens'))}")
+
+
 def cmd_demo(path, extra):
     from saekit.demo import run_demo
     from saekit.schema import parse_override_args
@@ -80,6 +92,7 @@ COMMANDS = {
     "analyze": (cmd_analyze, "RUN_DIR", "top-activating contexts and an HTML dashboard"),
     "compare": (cmd_compare, "CONFIG", "train and evaluate several families on one store"),
     "import": (cmd_import, "SOURCE RUN_DIR", "an SAELens or sparsify SAE as a run directory (--store, --hook)"),
+    "export": (cmd_export, "RUN_DIR OUT", "a run's SAE for SAELens or sparsify (--format saelens|sparsify)"),
     "demo": (cmd_demo, "CONFIG", "harvest, train, evaluate and analyze on the built-in model"),
 }
 

@@ -62,3 +62,30 @@ def test_import_errors_are_one_line(tmp_path):
     assert saekit("import", FIXTURE, tmp_path / "run2").returncode == 0
     p = saekit("import", FIXTURE, tmp_path / "run2")
     assert p.returncode == 2 and "already holds a run" in p.stderr
+
+
+def test_export_import_round_trip_and_analyze_on_the_builtin_store(minilm_run, tmp_path):
+    """A MiniLM run exported to SAELens format (what SAELens reads; checked against the real library by
+    scripts/check_interop_exports.py), imported back over the built-in store, analyzed like any run."""
+    out = tmp_path / "saelens"
+    p = saekit("export", minilm_run, out, "--format", "saelens")
+    assert p.returncode == 0, p.stderr[-3000:]
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 8 and cfg["d_in"] == 384
+    assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
+    assert cfg["metadata"]["model_name"] == "all-MiniLM-L6-v2" and cfg["metadata"]["prepend_bos"] is False
+    store = Path(minilm_run).parent / "store"
+    run = tmp_path / "imported"
+    p = saekit("import", out, run, "--store", store)
+    assert p.returncode == 0, p.stderr[-3000:]
+    original, imported = Autoencoder.load(Path(minilm_run) / "model").eval(), Autoencoder.load(run / "model").eval()
+    x = StoreReader(store).activations("blocks.3.hook_resid_post", rows=(0, 500), dtype=torch.float32)
+    with torch.no_grad():
+        a, b = original(x), imported(x)
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(b.x_hat, a.x_hat, rtol=1e-5, atol=1e-5)
+    p = saekit("analyze", run, "--max_features", 5, "--max_tokens", 2000, "--progress", "false", "--device", "cpu")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run / "dashboard" / "index.html").read_text().count('class="card"') == 5
+    p = saekit("export", minilm_run, tmp_path / "x", "--format", "onnx")
+    assert p.returncode == 2 and "unknown export format 'onnx'" in p.stderr

@@ -1,5 +1,6 @@
 """`saekit import SOURCE RUN_DIR`: a foreign SAE as a saekit run directory, so that `saekit evaluate` and
-`saekit analyze` treat it like one trained here.
+`saekit analyze` treat it like one trained here; `saekit export RUN_DIR OUT --format saelens|sparsify`:
+a run's model for the other libraries, with the metadata its store records.
 
     RUN_DIR/model/        the converted model (saekit's own format; loads with Autoencoder.load)
     RUN_DIR/import.json   where it came from: format, source path, architecture, metadata, conversion notes
@@ -11,11 +12,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from saekit.autoencoders import Autoencoder
 from saekit.config import DataConfig, TrainConfig
 from saekit.errors import UserError
-from saekit.files import write_json
+from saekit.files import read_json, write_json
 from saekit.interop import load_foreign
-from saekit.schema import to_dict
+from saekit.interop.export import export_saelens, export_sparsify
+from saekit.schema import check_choice, to_dict
+
+EXPORTERS = {"saelens": export_saelens, "sparsify": export_sparsify}
 
 IMPORT_FILE = "import.json"
 
@@ -44,3 +49,26 @@ def import_run(source: str | Path, run_dir: str | Path, store: str | None = None
         cfg = TrainConfig(out=str(run_dir), model=model.cfg, data=DataConfig(store=str(store), hook=hook))
         write_json(run_dir / "config.json", to_dict(cfg))
     return run_dir
+
+
+def export_run(run_dir: str | Path, out: str | Path, fmt: str = "saelens") -> Path:
+    """Write ``run_dir``'s model to ``out`` in format ``fmt`` (saelens or sparsify); the metadata (model,
+    hook, context size, prepend_bos = the store kept its special tokens) comes from the run's store."""
+    check_choice(fmt, EXPORTERS, "export format")
+    run_dir = Path(run_dir)
+    if not (run_dir / "model" / "config.json").exists():
+        raise UserError(f"{run_dir}: no trained model (model/config.json); train it first")
+    model = Autoencoder.load(run_dir / "model")
+    metadata = {}
+    if (run_dir / "config.json").exists():
+        data = read_json(run_dir / "config.json").get("data") or {}
+        store = Path(data.get("store", ""))
+        metadata["hook_name"] = data.get("hook")
+        if (store / "manifest.json").exists():
+            from saekit.data.store import StoreReader
+
+            manifest = StoreReader(store, verify=False).manifest
+            metadata.update(model_name=manifest.get("model"), context_size=manifest.get("context_size"),
+                            prepend_bos=bool(manifest.get("keep_special_tokens")))
+    EXPORTERS[fmt](model, out, metadata=metadata)
+    return Path(out)
