@@ -1,5 +1,5 @@
 """Every autoencoder family behind one interface (base.py), each with its config beside its model:
-the SAE family (sae.py: relu_l1, topk, batchtopk, jumprelu; the TopK fast path in kernels.py and
+the SAE family (sae.py: relu_l1, topk, batchtopk, jumprelu, matryoshka, gated; the TopK fast path in kernels.py and
 triton_kernels.py), the classical family (classical.py: linear, nonlinear, denoising, contractive;
 pca.py) and RBMs (rbm.py). Importing this package registers them all in ``REGISTRY``
 (kind -> (model class, config class)).
@@ -17,3 +17,5 @@ from saekit.autoencoders.relu_l1 import ReLUConfig  # noqa: F401,E402
 from saekit.autoencoders.topk import TopKConfig  # noqa: F401,E402
 from saekit.autoencoders.batchtopk import BatchTopKConfig  # noqa: F401,E402
 from saekit.autoencoders.jumprelu import JumpReLUConfig  # noqa: F401,E402
+from saekit.autoencoders.matryoshka import MatryoshkaConfig  # noqa: F401,E402
+from saekit.autoencoders.gated import GatedConfig  # noqa: F401,E402

@@ -73,11 +73,15 @@ class BatchTopKSAE(AuxKSAE):
         code_BN = self._code(pre_BN)
         if self.training:
             self._update_threshold(code_BN)
-        x_hat_n_BD = code_BN @ self.W_dec + self.b_dec
+        x_hat_n_BD, losses = self.reconstruct(x_n_BD, code_BN)
         dead_M = self.dead_ids()
         e_hat_BD = None
         if dead_M is not None:
             e_hat_BD = auxk_decode(pre_BN.index_select(1, dead_M), dead_M, self.auxk_latents, self.W_dec)
-        losses = {"mse": mse(x_n_BD, x_hat_n_BD),
-                  "auxk": auxk_loss(x_n_BD - x_hat_n_BD.detach(), e_hat_BD, self.cfg.auxk_alpha)}
+        losses["auxk"] = auxk_loss(x_n_BD - x_hat_n_BD.detach(), e_hat_BD, self.cfg.auxk_alpha)
         return Output(x_hat=self.scale_out(x_hat_n_BD), code=code_BN, losses=losses)
+
+    def reconstruct(self, x_n_BD: Tensor, code_BN: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(normalized reconstruction, its loss parts); Matryoshka adds one part per nested prefix."""
+        x_hat_n_BD = code_BN @ self.W_dec + self.b_dec
+        return x_hat_n_BD, {"mse": mse(x_n_BD, x_hat_n_BD)}
