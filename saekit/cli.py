@@ -91,7 +91,7 @@ COMMANDS = {
     "evaluate": (cmd_evaluate, "RUN_DIR", "metrics for a trained run (written beside the model)"),
     "analyze": (cmd_analyze, "RUN_DIR", "top-activating contexts and an HTML dashboard"),
     "compare": (cmd_compare, "CONFIG", "train and evaluate several families on one store"),
-    "import": (cmd_import, "SOURCE RUN_DIR", "an SAELens or sparsify SAE as a run directory (--store, --hook)"),
+    "import": (cmd_import, "SOURCE RUN_DIR", "a SAELens, sparsify, Gemma Scope or dictionary_learning SAE (a directory or hf://ORG/REPO/PATH) as a run directory (--store, --hook)"),
     "export": (cmd_export, "RUN_DIR OUT", "a run's SAE for SAELens or sparsify (--format saelens|sparsify)"),
     "demo": (cmd_demo, "CONFIG", "harvest, train, evaluate and analyze on the built-in model"),
 }

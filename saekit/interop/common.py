@@ -1,5 +1,7 @@
-"""What the importers share: reading a foreign directory's files (JSON and safetensors only, never a
-pickle), checking what they hold, and building the saekit model from float64 weights.
+"""What the importers share: reading a foreign directory's files (JSON, safetensors and numpy ``.npz``
+with ``allow_pickle=False``; never a pickle: dictionary_learning's ``ae.pt``, the one exception, is read
+in dictionary_learning.py alone, with ``torch.load(weights_only=True)``), checking what they hold, and
+building the saekit model from float64 weights.
 
 Every problem with the files is a ``UserError`` that names the file and says what is wrong: a missing
 file, a cfg.json that is not a JSON object, a missing or mistyped key, a missing tensor or one of the
@@ -43,26 +45,57 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def setting(cfg: dict, key: str, kind: type | tuple[type, ...], file: Path, default: Any = _MISSING) -> Any:
+def read_npz(path: Path) -> dict[str, Tensor]:
+    """Every array of a numpy ``.npz`` file as a CPU tensor, read with ``allow_pickle=False`` (an object
+    array is refused, never unpickled); missing or unreadable: UserError naming it."""
+    import numpy as np
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except ValueError as err:  # an object array (it would need unpickling), or a damaged member
+        raise UserError(f"{path}: cannot be read without unpickling or is damaged ({first_line(err)}); "
+                        "re-save it with numpy.savez from plain numeric arrays") from None
+    except Exception as err:  # not a zip archive, truncated (zipfile.BadZipFile, EOFError, OSError)
+        raise UserError(f"{path}: not a readable .npz file ({first_line(err)}); restore or re-save it") from None
+    out = {}
+    for name, arr in arrays.items():
+        if arr.dtype.kind not in "fiub":
+            raise UserError(f"{path}: array '{name}' has dtype {arr.dtype}, expected numbers")
+        out[name] = torch.from_numpy(np.ascontiguousarray(arr))
+    return out
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (for one-line errors)."""
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def setting(cfg: dict, key: str, kind: type | tuple[type, ...], file: Path, default: Any = _MISSING,
+            where: str = "") -> Any:
     """``cfg[key]`` checked to be of ``kind`` (bool is never taken for an int); absent: ``default`` or a
-    UserError naming the file and key."""
+    UserError naming the file and key (``where``: the enclosing keys, e.g. ``"trainer."``)."""
     if key not in cfg or (cfg[key] is None and default is not _MISSING):
         if default is _MISSING:
-            raise UserError(f"{file}: key '{key}' is missing")
+            raise UserError(f"{file}: key '{where}{key}' is missing")
         return default
     val = cfg[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     ok = isinstance(val, kinds) and not (isinstance(val, bool) and bool not in kinds)
     if not ok:
         names = " or ".join(k.__name__ for k in kinds)
-        raise UserError(f"{file}: key '{key}' is {val!r}, expected {names}")
+        raise UserError(f"{file}: key '{where}{key}' is {val!r}, expected {names}")
     return val
 
 
-def positive_int(cfg: dict, key: str, file: Path, default: Any = _MISSING) -> int:
-    val = setting(cfg, key, int, file, default)
+def positive_int(cfg: dict, key: str, file: Path, default: Any = _MISSING, where: str = "") -> int:
+    val = setting(cfg, key, int, file, default, where)
     if val is not None and val < 1:
-        raise UserError(f"{file}: key '{key}' is {val}, expected a positive integer")
+        raise UserError(f"{file}: key '{where}{key}' is {val}, expected a positive integer")
     return val
 
 
@@ -103,13 +136,24 @@ def exact_log(threshold: Tensor) -> Tensor:
     return best
 
 
+def positive_threshold(threshold: Tensor, notes: list[str], what: str = "JumpReLU thresholds") -> Tensor:
+    """Thresholds <= 0 (the source then computes plain ReLU there) as the smallest positive float32,
+    which differs only for pre-activations in (0, 1.2e-38]; noted."""
+    if (threshold <= 0).any():
+        notes.append(f"{int((threshold <= 0).sum())} {what} are <= 0 (plain ReLU there); stored as the smallest "
+                     "positive float32")
+        threshold = threshold.clamp_min(torch.finfo(torch.float32).tiny)
+    return threshold
+
+
 def make_sae(kind: str, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, file: Path, *,
              k: int | None = None, threshold: Tensor | None = None) -> Autoencoder:
-    """A saekit SAE of ``kind`` (relu, topk, jumprelu) holding the given weights, already in saekit's
-    convention (pre = (x - b_dec) @ W_enc + b_enc, x_hat = code @ W_dec + b_dec; input_scale 1)."""
+    """A saekit SAE of ``kind`` (relu, topk, batchtopk, jumprelu) holding the given weights, already in
+    saekit's convention (pre = (x - b_dec) @ W_enc + b_enc, x_hat = code @ W_dec + b_dec; input_scale 1).
+    jumprelu: ``threshold`` [n] (positive); batchtopk: ``k`` and the one inference ``threshold`` (>= 0)."""
     d_in, n = W_enc.shape
     fields: dict[str, Any] = {"n_latents": n}
-    if kind == "topk":
+    if kind in ("topk", "batchtopk"):
         if k is None or not 1 <= k <= n:
             raise UserError(f"{file}: k is {k}, expected 1 <= k <= d_sae ({n})")
         fields["k"] = k
@@ -126,4 +170,6 @@ def make_sae(kind: str, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
         model.input_scale.fill_(1.0)
         if kind == "jumprelu":
             model.log_threshold.copy_(exact_log(threshold))
+        elif kind == "batchtopk":
+            model.threshold.copy_(threshold.float().reshape(()))
     return model.eval()

@@ -1,6 +1,8 @@
 """`saekit import SOURCE RUN_DIR`: a foreign SAE as a saekit run directory, so that `saekit evaluate` and
 `saekit analyze` treat it like one trained here; `saekit export RUN_DIR OUT --format saelens|sparsify`:
-a run's model for the other libraries, with the metadata its store records.
+a run's model for the other libraries, with the metadata its store records. SOURCE is a directory in any
+format ``load_foreign`` reads (SAELens, sparsify, Gemma Scope, dictionary_learning, saekit) or a Hub
+folder, ``hf://ORG/REPO/PATH[@REVISION]``.
 
     RUN_DIR/model/        the converted model (saekit's own format; loads with Autoencoder.load)
     RUN_DIR/import.json   where it came from: format, source path, architecture, metadata, conversion notes
