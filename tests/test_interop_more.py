@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from saekit.errors import UserError
 from saekit.interop import detect_format, load_foreign, load_foreign_all
 from saekit.interop.hub import parse
+from test_interop import copy_fixture, io, outputs, refused  # noqa: F401  (the shared fixture helpers)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
@@ -28,29 +29,6 @@ TOL = 1e-5
 GEMMA = sorted(n for n, m in MANIFEST.items() if m["format"] == "gemmascope")
 DL = sorted(n for n, m in MANIFEST.items() if m["format"] == "dictionary_learning")
 RUN = FIXTURES / "dictionary_learning_run"
-
-
-def io(name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(FIXTURES / name / "io.safetensors"))
-
-
-def outputs(model, x):
-    with torch.no_grad():
-        return model.encode(x), model(x).x_hat
-
-
-def copy_fixture(name: str, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(FIXTURES / name, tmp_path / Path(name).name))
-
-
-def refused(path, *words) -> str:
-    with pytest.raises(UserError) as info:
-        load_foreign(path)
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    for word in words:
-        assert word in msg, msg
-    return msg
 
 
 def trainer(cls: str, run: str = "dictionary_learning_run") -> str:
