@@ -43,7 +43,7 @@ CONFIG_CASES = {
     "unknown key": (["--totl_tokens", "5"], ["unknown config key 'totl_tokens'", "did you mean 'total_tokens'"]),
     "key of another family": (["--model.l1_coefficient", "5"],
                               ["'model.l1_coefficient' does not apply to kind 'topk'", "ReLUConfig",
-                               "kinds that accept it: relu"]),
+                               "kinds that accept it: gated, relu"]),
     "bad choice": (["--model.decoder_init", "rand"], ["'model.decoder_init' is 'rand'", "did you mean 'random'"]),
     "out of range": (["--model.k", "0"], ["'model.k' must be >= 1, got 0"]),
     "k above the width": (["--model.k", "100000"], ["'model.k' is 100000, more than n_latents (6144)"]),

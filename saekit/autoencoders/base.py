@@ -71,8 +71,9 @@ class AutoencoderConfig(Section):
         owners = sorted(k for k, fam in registry().items() if key in field_types(fam.config))
         if not owners:
             return None
-        home = next(c for c in registry()[owners[0]].config.__mro__ if key in c.__dict__.get("__annotations__", {}))
-        return (f"does not apply to kind '{cls.kind}': it belongs to {home.__name__} "
+        homes = sorted({next(c for c in registry()[kind].config.__mro__ if key in c.__dict__.get("__annotations__", {}))
+                        .__name__ for kind in owners})
+        return (f"does not apply to kind '{cls.kind}': it belongs to {' and '.join(homes)} "
                 f"(kinds that accept it: {', '.join(owners)})")
 
 
