@@ -1,4 +1,4 @@
-"""`saekit harvest | train | evaluate | analyze | compare | demo`: thin calls into the library.
+"""`saekit harvest | train | evaluate | analyze | compare | import | export | demo`: thin calls into the library.
 
 Every stage takes an optional YAML file plus ``--key value`` overrides that use the same names as the
 file (dotted for nested sections: ``--model.k 64``). An error the user can fix (``saekit.errors
