@@ -35,7 +35,7 @@ from typing import Any
 
 from saekit.config import EvalConfig, HarvestConfig, Section, TrainConfig, load_config
 from saekit.errors import ConfigError
-from saekit.files import atomic_write, save_figure, write_json
+from saekit.files import atomic_write, read_json, save_figure, write_json
 from saekit.schema import apply_overrides, from_dict, to_dict
 
 REPORT_MD, REPORT_CSV, REPORT_JSON = "compare.md", "compare.csv", "compare.json"
@@ -170,7 +170,7 @@ def _cached_eval(path: Path, cfg: EvalConfig) -> dict | None:
     """A previous eval.json made with the same evaluation settings, else None."""
     if not path.exists():
         return None
-    old = json.loads(path.read_text())
+    old = read_json(path)
     return old if old.get("eval_config") == json.loads(json.dumps(to_dict(cfg))) else None
 
 

@@ -1,7 +1,7 @@
 """The one way saekit writes a file: to a temporary name beside it, fsynced, then renamed over it, and
 the directory fsynced so the rename sticks. A process killed at any moment leaves the old file or the
 new one, never half of one. Store shards and manifests, checkpoints, models, JSON, plots and HTML all
-go through ``atomic_write`` or ``atomic_path``."""
+go through ``atomic_write``, ``write_json``, ``write_tensors`` or ``atomic_path``."""
 from __future__ import annotations
 
 import errno
@@ -52,6 +52,14 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` (str as UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """The one safetensors writer: every tensor detached, contiguous, on the CPU, written atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def plain(value: Any) -> Any:

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import ClassVar, Iterable, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from saekit.autoencoders.kernels import KernelOptions
 from saekit.errors import ConfigError, UserError
-from saekit.files import atomic_path, read_json, write_json
+from saekit.files import read_json, write_json, write_tensors
 from saekit.schema import Section, field_types, from_dict, nearest, to_dict, value
 
 DEFAULT_KIND = "topk"
@@ -227,9 +227,7 @@ class Autoencoder(nn.Module):
         """Weights as safetensors plus a JSON config, each written atomically (weights first)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(directory / "model.safetensors") as tmp:
-            save_file(tensors, str(tmp))
+        write_tensors(directory / "model.safetensors", self.state_dict())
         write_json(directory / "config.json",
                    {"format": MODEL_FORMAT, "kind": self.kind, "d_in": self.d_in, "model": to_dict(self.cfg)})
 
@@ -249,6 +247,8 @@ class Autoencoder(nn.Module):
 
 def legacy_config(kind: str, flat: dict) -> dict:
     """A format-1 model config (every family's fields in one flat dict) as ``kind``'s own config."""
+    if kind not in registry():  # the reader's own error names the kinds there are
+        return dict(flat)
     config = registry()[kind].config
     out = {config.RENAMED.get(k, k): v for k, v in flat.items() if k != "kind"}
     return {k: v for k, v in out.items() if k in field_types(config)}

@@ -74,7 +74,7 @@ from torch import Tensor
 import saekit
 from saekit.autoencoders import Autoencoder
 from saekit.errors import UserError
-from saekit.files import atomic_path, write_json
+from saekit.files import write_json, write_tensors
 
 __all__ = ["export_saelens", "export_sparsify", "SAELENS_FAMILIES", "SPARSIFY_FAMILIES", "METADATA_TYPES"]
 
@@ -267,11 +267,7 @@ def _out_dir(out_dir: str | Path, target: str, foreign: tuple[str, ...]) -> Path
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": "pt"})
+    write_tensors(path, {k: v.float() for k, v in tensors.items()}, metadata={"format": "pt"})
 
 
 def _info(fmt: str, out: Path, arch: str, model: Autoencoder, files: list[str], notes: list[str]) -> dict[str, Any]:

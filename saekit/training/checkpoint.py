@@ -18,17 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from saekit.files import atomic_path, write_json
+from saekit.files import write_json, write_tensors
 
 CHECKPOINT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
-
-
-def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def save(run_dir: Path, write: Callable[[Path], None]) -> Path:
