@@ -67,15 +67,22 @@ def cmd_import(targets, extra):
 
 
 def cmd_export(targets, extra):
-    from saekit.interop.runs import export_run
+    from saekit.interop.runs import DENSITY_TOKENS, export_run
     from saekit.schema import parse_override_args
 
     options = parse_override_args(extra)
-    unknown = set(options) - {"format"}
+    unknown = set(options) - {"format", "density_tokens"}
     if unknown:
-        raise UserError(f"saekit export takes --format saelens|sparsify, not --{sorted(unknown)[0]}")
+        raise UserError("saekit export takes --format saelens|sparsify and --density-tokens N, not "
+                        f"--{sorted(unknown)[0].replace('_', '-')}")
     run_dir, out = targets
-    print(f"exported: {export_run(run_dir, out, options.get('format', 'saelens'))}")
+    tokens = options.get("density_tokens", str(DENSITY_TOKENS))
+    if not tokens.isdigit():
+        raise UserError(f"--density-tokens {tokens}: expected a whole number of rows (0 writes no density)")
+    info = export_run(run_dir, out, options.get("format", "saelens"), int(tokens))
+    for note in info["notes"]:
+        print(f"note: {note}")
+    print(f"exported: {info['path']} ({info['format']} {info['architecture']}; {', '.join(info['files'])})")
 
 
 def cmd_demo(path, extra):
@@ -92,7 +99,7 @@ COMMANDS = {
     "analyze": (cmd_analyze, "RUN_DIR", "top-activating contexts and an HTML dashboard"),
     "compare": (cmd_compare, "CONFIG", "train and evaluate several families on one store"),
     "import": (cmd_import, "SOURCE RUN_DIR", "a SAELens, sparsify, Gemma Scope or dictionary_learning SAE (a directory or hf://ORG/REPO/PATH) as a run directory (--store, --hook)"),
-    "export": (cmd_export, "RUN_DIR OUT", "a run's SAE for SAELens or sparsify (--format saelens|sparsify)"),
+    "export": (cmd_export, "RUN_DIR OUT", "a run's SAE for SAELens or sparsify (--format saelens|sparsify, --density-tokens N)"),
     "demo": (cmd_demo, "CONFIG", "harvest, train, evaluate and analyze on the built-in model"),
 }
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from saekit.autoencoders import Autoencoder
 from saekit.data.store import StoreReader, StoreWriter
@@ -68,8 +69,9 @@ def test_export_import_round_trip_and_analyze_on_the_builtin_store(minilm_run, t
     """A MiniLM run exported to SAELens format (what SAELens reads; checked against the real library by
     scripts/check_interop_exports.py), imported back over the built-in store, analyzed like any run."""
     out = tmp_path / "saelens"
-    p = saekit("export", minilm_run, out, "--format", "saelens")
+    p = saekit("export", minilm_run, out, "--format", "saelens", "--density-tokens", 3000)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "sparsity.safetensors" in p.stdout
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == 8 and cfg["d_in"] == 384
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
@@ -84,8 +86,21 @@ def test_export_import_round_trip_and_analyze_on_the_builtin_store(minilm_run, t
         a, b = original(x), imported(x)
     assert torch.equal(a.indices, b.indices)
     torch.testing.assert_close(b.x_hat, a.x_hat, rtol=1e-5, atol=1e-5)
+    # sparsity.safetensors: log10(density + 1e-10) over the first 3000 training rows, counted densely here
+    heldout = json.loads((Path(minilm_run) / "config.json").read_text())["data"]["heldout_tokens"]
+    assert StoreReader(store).n_rows - heldout >= 3000
+    x = StoreReader(store).activations("blocks.3.hook_resid_post", rows=(0, 3000), dtype=torch.float32)
+    with torch.no_grad():
+        density = (original.encode(x) != 0).double().mean(0)
+    sparsity = load_file(str(out / "sparsity.safetensors"))["sparsity"]
+    torch.testing.assert_close(sparsity, torch.log10(density + 1e-10).float(), rtol=0, atol=1e-6)
+    assert (density > 0).any() and (density < 1).all()
     p = saekit("analyze", run, "--max_features", 5, "--max_tokens", 2000, "--progress", "false", "--device", "cpu")
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run / "dashboard" / "index.html").read_text().count('class="card"') == 5
     p = saekit("export", minilm_run, tmp_path / "x", "--format", "onnx")
     assert p.returncode == 2 and "unknown export format 'onnx'" in p.stderr
+    p = saekit("export", minilm_run, tmp_path / "x", "--density-tokens", "many")
+    assert p.returncode == 2 and "--density-tokens many: expected a whole number" in p.stderr
+    p = saekit("export", minilm_run, tmp_path / "y", "--format", "sparsify")
+    assert p.returncode == 0 and not (tmp_path / "y" / "sparsity.safetensors").exists()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from saekit.autoencoders import Autoencoder
 from saekit.config import DataConfig, TrainConfig
 from saekit.errors import UserError
@@ -23,6 +25,7 @@ from saekit.interop.export import export_saelens, export_sparsify
 from saekit.schema import check_choice, to_dict
 
 EXPORTERS = {"saelens": export_saelens, "sparsify": export_sparsify}
+DENSITY_TOKENS = 100_000  # rows measured for SAELens's sparsity.safetensors (a few seconds on a CPU)
 
 IMPORT_FILE = "import.json"
 
@@ -53,15 +56,20 @@ def import_run(source: str | Path, run_dir: str | Path, store: str | None = None
     return run_dir
 
 
-def export_run(run_dir: str | Path, out: str | Path, fmt: str = "saelens") -> Path:
+def export_run(run_dir: str | Path, out: str | Path, fmt: str = "saelens",
+               density_tokens: int = DENSITY_TOKENS) -> dict:
     """Write ``run_dir``'s model to ``out`` in format ``fmt`` (saelens or sparsify); the metadata (model,
-    hook, context size, prepend_bos = the store kept its special tokens) comes from the run's store."""
+    hook, context size, prepend_bos = the store kept its special tokens) comes from the run's store.
+    For SAELens, each latent's firing density over the first ``density_tokens`` training rows of that
+    store (0: none) is written as ``sparsity.safetensors``. Returns the exporter's report."""
     check_choice(fmt, EXPORTERS, "export format")
+    if isinstance(density_tokens, bool) or not isinstance(density_tokens, int) or density_tokens < 0:
+        raise UserError(f"density tokens must be a whole number >= 0 (0 writes no density), not {density_tokens!r}")
     run_dir = Path(run_dir)
     if not (run_dir / "model" / "config.json").exists():
         raise UserError(f"{run_dir}: no trained model (model/config.json); train it first")
     model = Autoencoder.load(run_dir / "model")
-    metadata = {}
+    metadata, density = {}, None
     if (run_dir / "config.json").exists():
         data = read_json(run_dir / "config.json").get("data") or {}
         store = Path(data.get("store", ""))
@@ -69,8 +77,32 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "saelens") -> Pa
         if (store / "manifest.json").exists():
             from saekit.data.store import StoreReader
 
-            manifest = StoreReader(store, verify=False).manifest
+            reader = StoreReader(store, verify=False)
+            manifest = reader.manifest
             metadata.update(model_name=manifest.get("model"), context_size=manifest.get("context_size"),
                             prepend_bos=bool(manifest.get("keep_special_tokens")))
-    EXPORTERS[fmt](model, out, metadata=metadata)
-    return Path(out)
+            if fmt == "saelens" and density_tokens and data.get("hook") in reader.hooks:
+                heldout = int(data.get("heldout_tokens") or 0)
+                density = firing_density(model, reader, data["hook"], density_tokens, heldout)
+    if fmt == "saelens":
+        return export_saelens(model, out, metadata=metadata, density=density)
+    return export_sparsify(model, out, metadata=metadata)
+
+
+@torch.no_grad()
+def firing_density(model: Autoencoder, reader, hook: str, tokens: int, heldout_tokens: int = 0,
+                   batch_size: int = 4096) -> torch.Tensor:
+    """[n] fraction of the store's first ``tokens`` training rows (those before the last
+    ``heldout_tokens``) on which each latent of ``model`` fires: the feature sparsity SAELens records."""
+    from saekit.data.store import split_rows
+
+    (start, stop), _ = split_rows(reader.n_rows, heldout_tokens)
+    stop = min(stop, start + tokens)
+    if stop <= start:
+        raise UserError(f"{reader.directory}: no training rows to measure the firing density on")
+    model.eval()
+    counts = torch.zeros(model.n_latents, dtype=torch.int64)
+    for a in range(start, stop, batch_size):
+        x = reader.activations(hook, (a, min(stop, a + batch_size)), dtype=torch.float32)
+        counts += model(x).fire_counts(model.n_latents).long().cpu()
+    return counts.double() / (stop - start)
