@@ -18,7 +18,9 @@ The config (every section checked key by key, like every saekit config):
         total_tokens: 200000          # any other TrainConfig key overrides `train:` for this entry
 
 Outputs in ``out``: ``compare.md`` (returned), ``compare.csv``, ``compare.json`` (every metric),
-``pareto_fvu_l0.png`` and ``pareto_downstream_l0.png``. Finished runs and evaluations are reused, so a
+``pareto_fvu_l0.png`` and ``pareto_downstream_l0.png``. Transcoders (entries with ``data.target_hook``)
+get their own table and ``pareto_transcoder_fvu_l0.png``: their FVU is of the hook they predict (an
+MLP's output), not of the one the other rows reconstruct. Finished runs and evaluations are reused, so a
 rerun after adding a model trains and evaluates only the new one.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ from saekit.schema import apply_overrides, from_dict, to_dict
 
 REPORT_MD, REPORT_CSV, REPORT_JSON = "compare.md", "compare.csv", "compare.json"
 PLOT_FVU, PLOT_DOWNSTREAM = "pareto_fvu_l0.png", "pareto_downstream_l0.png"
+PLOT_TRANSCODER = "pareto_transcoder_fvu_l0.png"
 _SHORT = {"l1_coefficient": "l1", "l0_coefficient": "l0", "n_latents": "n", "noise_level": "noise",
           "contractive_coefficient": "c", "total_tokens": "tok", "initial_threshold": "theta"}
 _AXIS = {"ce_loss_recovered": "CE loss recovered (vs zero-ablation)",
@@ -159,11 +162,21 @@ def run_compare(cfg: CompareConfig) -> Path:
     write_json(out / REPORT_JSON, rows)
     write_csv(rows, out / REPORT_CSV)
     report = write_markdown(rows, out / REPORT_MD, store=reader)
-    plot_pareto(rows, "fvu", "FVU (held out)", out / PLOT_FVU)
-    if any(r.get("downstream") is not None for r in rows):
+    saes, transcoders = split_transcoders(rows)
+    if saes:
+        plot_pareto(saes, "fvu", "FVU (held out)", out / PLOT_FVU)
+    if transcoders:
+        target = transcoders[0]["target_hook"]
+        plot_pareto(transcoders, "fvu", f"FVU of {target} (held out)", out / PLOT_TRANSCODER)
+    if any(r.get("downstream") is not None for r in rows):  # every splice is of the same kind of number
         name = next(r["downstream_name"] for r in rows if r.get("downstream_name"))
         plot_pareto(rows, "downstream", _AXIS.get(name, name), out / PLOT_DOWNSTREAM, higher_is_better=True)
     return report
+
+
+def split_transcoders(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(rows that reconstruct their hook, rows that predict another one: transcoders)."""
+    return [r for r in rows if not r.get("target_hook")], [r for r in rows if r.get("target_hook")]
 
 
 def _cached_eval(path: Path, cfg: EvalConfig) -> dict | None:
@@ -201,7 +214,8 @@ def table_row(name: str, result: dict) -> dict:
            "rbm_mean_error": sampling.get("mean_error"), "rbm_cov_error": sampling.get("cov_error"),
            "rbm_mean_error_start": sampling.get("mean_error_start"),
            "rbm_cov_error_start": sampling.get("cov_error_start"), "rbm_gibbs_steps": sampling.get("gibbs_steps"),
-           "embedding_recovered": None, "run": result.get("run")}
+           "embedding_recovered": None, "run": result.get("run"),
+           "hook": result.get("hook"), "target_hook": result.get("target_hook")}
     if down:
         row["downstream_name"], row["downstream"] = headline(down)
         row["loss_increase"] = down.get("loss_increase")
@@ -213,7 +227,7 @@ def table_row(name: str, result: dict) -> dict:
 def write_csv(rows: list[dict], path: Path) -> Path:
     keys = [k for k, _ in COLUMNS] + ["downstream_name", "probe_accuracy_raw", "probe_chance",
                                       "rbm_mean_error_start", "rbm_cov_error_start", "rbm_gibbs_steps",
-                                      "dead_window_tokens", "run"]
+                                      "dead_window_tokens", "hook", "target_hook", "run"]
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
@@ -235,8 +249,14 @@ def _fmt(value, key: str) -> str:
     return str(value)
 
 
-def write_markdown(rows: list[dict], path: Path, store=None) -> Path:
+def _table(rows: list[dict]) -> list[str]:
     used = [(k, h) for k, h in COLUMNS if any(r.get(k) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in used) + " |", "|" + "|".join("---" for _ in used) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(k), k) for k, _ in used) + " |" for r in rows]
+    return lines + [""]
+
+
+def write_markdown(rows: list[dict], path: Path, store=None) -> Path:
     lines = ["# Autoencoder comparison", ""]
     if store is not None:
         m = store.manifest
@@ -263,12 +283,16 @@ def write_markdown(rows: list[dict], path: Path, store=None) -> Path:
                          f"start {r['rbm_mean_error_start']:.3f} and {r['rbm_cov_error_start']:.3f} "
                          "(definitions in saekit/evaluation/sampling.py).")
     lines += [f"- {n}" for n in notes] + [""]
-    lines.append("| " + " | ".join(h for _, h in used) + " |")
-    lines.append("|" + "|".join("---" for _ in used) + "|")
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k), k) for k, _ in used) + " |")
-    lines.append("")
-    lines += [f"![FVU against L0]({PLOT_FVU})", ""]
+    saes, transcoders = split_transcoders(rows)
+    if saes:
+        lines += _table(saes) + [f"![FVU against L0]({PLOT_FVU})", ""]
+    if transcoders:
+        t = transcoders[0]
+        lines += ["## Transcoders", "",
+                  f"Each predicts `{t['target_hook']}` from `{t['hook']}`: FVU is of that prediction (the MLP's "
+                  "output), so it is not comparable with the table above; downstream splices the prediction "
+                  "in place of the MLP's output.", ""]
+        lines += _table(transcoders) + [f"![transcoder FVU against L0]({PLOT_TRANSCODER})", ""]
     if down_name:
         lines += [f"![downstream against L0]({PLOT_DOWNSTREAM})", ""]
     atomic_write(path, "\n".join(lines))

@@ -85,6 +85,9 @@ class DataConfig(Section):
 
     store: str = "runs/store"
     hook: str = DEFAULT_HOOK
+    # Transcoders: the activation they predict from `hook`'s, another hook of the same store (e.g. hook
+    # blocks.3.mlp.hook_in, target_hook blocks.3.hook_mlp_out); batches are then row-aligned pairs.
+    target_hook: str | None = None
     batch_tokens: int = value(1024, ge=1)  # activations per training batch (global, over all ranks)
     buffer_tokens: int = value(262_144, ge=1)  # token-level shuffle buffer
     heldout_tokens: int = value(0, ge=0)  # rows at the end of the store kept out of training for evaluation
@@ -134,6 +137,18 @@ class TrainConfig(Section):
     def validate(self) -> None:
         if len(self.betas) != 2:
             raise FieldError("betas", f"must be two numbers (Adam's beta1, beta2), got {self.betas}")
+        from saekit.autoencoders.base import registry
+
+        kind = self.model.kind
+        predicts = registry()[kind].model.predicts_target
+        if self.data.target_hook is not None and not predicts:
+            raise FieldError("data.target_hook", f"is set ({self.data.target_hook!r}), but kind '{kind}' "
+                             "reconstructs its input; drop data.target_hook, or set model.kind to transcoder "
+                             "or skip_transcoder")
+        if predicts and self.data.target_hook is None:
+            raise FieldError("data.target_hook", f"is not set, but kind '{kind}' predicts a target activation "
+                             "from data.hook; set it, e.g. data.hook blocks.3.mlp.hook_in with "
+                             "data.target_hook blocks.3.hook_mlp_out")
 
 
 @dataclass

@@ -4,9 +4,11 @@ A step is forward, backward, decoder-gradient projection, Adam, decoder renormal
 data, with AuxK active (10% of latents marked dead). Steps of the two implementations are interleaved
 and each is summarized by its median, so load from other processes hits both alike. The ceiling is
 one dense encoder product per token (2·d·n FLOP) at the matmul rate measured here, in this run.
+Each ``--kinds`` family is reported with its tokens/s as a fraction of saekit topk's in the same run;
+transcoders (which predict a target activation) get a random target batch of the input's shape.
 
     python scripts/bench_train.py [--device cpu|cuda] [--d 384 --n 6144 --k 32 --batch 4096 --steps 5]
-                                  [--dtype fp32|bf16] [--kinds relu,batchtopk,jumprelu] [--chunk 0]
+                                  [--dtype fp32|bf16] [--kinds matryoshka,gated,transcoder] [--chunk 0]
                                   [--triton] [--compile] [--no-naive] [--topk auto|torch|two_stage]
                                   [--compare-topk]
 """
@@ -52,6 +54,8 @@ class Stepper:
                  compile: bool = False, kernels: KernelOptions = KernelOptions()):
         torch.manual_seed(seed)
         self.model = build(cfg, d).to(x.device)
+        # Transcoders predict a target: random rows of the input's shape (throughput only).
+        self.target = torch.randn_like(x) if self.model.predicts_target else None
         self.model.use_kernels(kernels)
         self.model.set_dead_mask(dead)
         self.forward = torch.compile(self.model) if compile else self.model
@@ -65,7 +69,7 @@ class Stepper:
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            out = self.forward(self.x)
+            out = self.forward(self.x) if self.target is None else self.forward(self.x, self.target)
         out.loss.backward()
         self.model.before_optimizer_step()
         self.opt.step()
@@ -87,7 +91,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
     ap.add_argument("--dead", type=float, default=0.10, help="fraction of latents marked dead")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--kinds", default="", help="also time these kinds, e.g. relu,batchtopk,jumprelu")
+    ap.add_argument("--kinds", default="", help="also time these kinds, e.g. matryoshka,gated,transcoder")
     ap.add_argument("--chunk", type=int, default=0, help="saekit topk: tokens per pre-activation chunk (0: auto)")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive step (when it would not fit)")
     ap.add_argument("--triton", action="store_true", help="also time the triton backend of the sparse products")
@@ -122,6 +126,10 @@ def main() -> None:
     if args.compile:
         steppers["saekit topk compile"] = Stepper(topk, *common, compile=True, kernels=fast)
     for kind in filter(None, args.kinds.split(",")):
+        if kind not in REGISTRY:
+            ap.error(f"--kinds: unknown kind {kind!r} (valid: {', '.join(sorted(REGISTRY))})")
+        if kind == "topk":
+            continue  # always timed, as "saekit topk"
         has_k = "k" in REGISTRY[kind].config.__dataclass_fields__
         cfg = AutoencoderConfig.for_kind(kind, n_latents=args.n, **({"k": args.k} if has_k else {}))
         steppers[f"saekit {kind}"] = Stepper(cfg, *common)
@@ -147,12 +155,12 @@ def main() -> None:
           f"batch={args.batch}, saekit topk selects by {fast.topk_method}, "
           f"{args.dead:.0%} dead (AuxK on), {args.steps} timed steps (median)")
     print(f"matmul rate {rate / 1e9:.1f} GFLOP/s -> ceiling {ceiling / 1e3:.1f}k tok/s (2*d*n FLOP/token)")
-    print(f"{'impl':<22}{'ms/step':>10}{'tok/s':>12}{'of ceiling':>12}{'peak GiB':>10}")
-    tok_s = {}
+    print(f"{'impl':<26}{'ms/step':>10}{'tok/s':>12}{'of ceiling':>12}{'vs topk':>9}{'peak GiB':>10}")
+    tok_s = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
     for name, ts in times.items():
-        med = statistics.median(ts)
-        tok_s[name] = args.batch / med
-        print(f"{name:<22}{med * 1e3:>10.1f}{tok_s[name]:>12.0f}{tok_s[name] / ceiling:>12.1%}{peak[name]:>10.2f}")
+        vs = tok_s[name] / tok_s["saekit topk"]
+        print(f"{name:<26}{statistics.median(ts) * 1e3:>10.1f}{tok_s[name]:>12.0f}{tok_s[name] / ceiling:>12.1%}"
+              f"{vs:>9.2f}{peak[name]:>10.2f}")
     best = max((t, name) for name, t in tok_s.items() if name.startswith("saekit topk"))
     if "naive topk" in tok_s:
         print(f"ratio {best[0] / tok_s['naive topk']:.2f} ({best[1]} vs naive topk; goal >= 2.0)")

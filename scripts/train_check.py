@@ -135,16 +135,42 @@ class SyntheticBatches:
         self.i = state["i"]
 
 
+class PairedBatches:
+    """For families that predict a target (transcoders): SyntheticBatches' rows paired with a fixed
+    nonlinear function of them (an "MLP"), resumable like the source it wraps."""
+
+    def __init__(self, source: SyntheticBatches):
+        self.source = source
+        g = torch.Generator().manual_seed(777)
+        self.W = torch.randn(source.d, source.d, generator=g) / source.d ** 0.5
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        x = next(self.source)
+        return x, torch.tanh(x @ self.W)
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+
+
 def toy_config(out, total_tokens=1024, batch=64, checkpoint_every=0, n_latents=48, kind=TOY_KIND,
                **overrides) -> TrainConfig:
-    """The toy run's TrainConfig; ``kind`` another registered family (with k=4 where it has a k)."""
+    """The toy run's TrainConfig; ``kind`` another registered family (with k=4 where it has a k; a
+    transcoder names a target hook, and trains on PairedBatches)."""
     if kind == TOY_KIND:
         model = ToyConfig(n_latents=n_latents)
     else:
         config = REGISTRY[kind].config
         fields = {"k": 4} if "k" in config.__dataclass_fields__ else {}
         model = config(n_latents=n_latents, **fields)
-    cfg = TrainConfig(out=str(out), data=DataConfig(batch_tokens=batch), model=model, dead_after_tokens=256,
+    target = "blocks.0.hook_mlp_out" if REGISTRY[model.kind].model.predicts_target else None
+    cfg = TrainConfig(out=str(out), data=DataConfig(batch_tokens=batch, target_hook=target), model=model,
+                      dead_after_tokens=256,
                       total_tokens=total_tokens, lr=3e-3, lr_warmup_tokens=128, sparsity_warmup_tokens=256,
                       checkpoint_every_tokens=checkpoint_every,
                       dead_window_tokens=512, log_every_steps=2, progress=False, device="cpu")

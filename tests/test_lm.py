@@ -21,11 +21,11 @@ from saekit.lm import (
     unembedding,
     valid_hook_names,
 )
-from saekit.lm.hooks import blocks_of
+from saekit.lm.hooks import blocks_of, hook_name, mlp_hooks
 from saekit.lm.loading import resolve_source
 
 VOCAB = 96
-KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
+KINDS = ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post")
 _SHAPE = dict(
     vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
     intermediate_size=128, max_position_embeddings=64, bos_token_id=2, eos_token_id=3, pad_token_id=0,
@@ -115,7 +115,7 @@ def test_backends_agree_for_every_family(tiny_dirs, family):
     assert (lm.architecture, lm.d_model, lm.n_layers, lm.n_ctx) == (family, 64, 2, 64)
     assert lm.is_causal == (family != "bert")
     assert not lm.model.training
-    hooks = [f"blocks.{layer}.hook_{kind}" for layer in (0, lm.n_layers - 1) for kind in KINDS]
+    hooks = [hook_name(layer, kind) for layer in (0, lm.n_layers - 1) for kind in KINDS]
     ids, mask = _batch()
     before = _assert_agree(lm, hooks, ids, mask, atol=1e-5)
     # Booting the bridge must leave lm.model a plain HF model: the hf backend gives the same bits.
@@ -164,7 +164,7 @@ def test_unembedding(tiny_dirs, minilm):
 # ---------------------------------------------------------------------------------- hooks
 def test_unknown_hook_lists_valid_names(minilm):
     valid = valid_hook_names(minilm)
-    assert len(valid) == 4 * 6 and "blocks.3.hook_resid_post" in valid
+    assert len(valid) == 5 * 6 and "blocks.3.hook_resid_post" in valid and "blocks.3.mlp.hook_in" in valid
     for bad in ["blocks.3.hook_resid_postt", "blocks.6.hook_resid_pre", "hook_embed"]:
         for backend in ("hf", "transformer_lens"):
             with pytest.raises(UnknownHookError) as err:
@@ -173,6 +173,37 @@ def test_unknown_hook_lists_valid_names(minilm):
             assert isinstance(err.value, ValueError)
     with pytest.raises(ValueError, match="backend"):
         make_capture(minilm, valid[:1], backend="nnsight")
+
+
+def _mlp(lm, layer):
+    """The block's MLP as the function from what mlp.hook_in captures to what hook_mlp_out captures."""
+    block = blocks_of(lm)[layer]
+    if lm.architecture == "bert":
+        return lambda h: block.output.dense(block.intermediate(h))
+    if lm.architecture == "gemma2":
+        return lambda h: block.post_feedforward_layernorm(block.mlp(h))
+    return block.mlp
+
+
+@pytest.mark.parametrize("family", list(LAYOUTS))
+def test_mlp_hooks_are_the_mlps_input_and_output(tiny_dirs, family):
+    """mlp.hook_in is exactly what the HF MLP module receives, and hook_mlp_out is that module's
+    function of it: the pair a transcoder maps."""
+    lm = load_lm(str(tiny_dirs[family]))
+    mlp_in, mlp_out = mlp_hooks(1)
+    ids, mask = _batch()
+    block = blocks_of(lm)[1]
+    module = block.intermediate if family == "bert" else block.mlp
+    seen = []
+    handle = module.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    try:
+        acts = _capture(lm, [mlp_in, mlp_out], "hf", ids, mask)
+    finally:
+        handle.remove()
+    assert torch.equal(acts[mlp_in], seen[0])
+    with torch.inference_mode():
+        torch.testing.assert_close(_mlp(lm, 1)(acts[mlp_in]), acts[mlp_out], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(acts[mlp_in], acts[mlp_out])
 
 
 def test_hf_backend_stops_after_deepest_hook(tiny_dirs):

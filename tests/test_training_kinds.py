@@ -30,10 +30,16 @@ def config(out, kind):
     return cfg, closed_form
 
 
+def data(kind):
+    """The toy batches; (input, target) pairs for the families that predict a target (transcoders)."""
+    source = tc.SyntheticBatches(batch=64)
+    return tc.PairedBatches(source) if REGISTRY[kind].model.predicts_target else source
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_kind_trains_saves_and_resumes(tmp_path, kind, monkeypatch):
     cfg, closed_form = config(tmp_path / "full", kind)
-    out = train(cfg, data=tc.SyntheticBatches(batch=64))
+    out = train(cfg, data=data(kind))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tokens"] == 1024 and math.isfinite(metrics["fvu"]) and math.isfinite(metrics["l0"])
     model = Autoencoder.load(out / "model").eval()
@@ -47,17 +53,17 @@ def test_kind_trains_saves_and_resumes(tmp_path, kind, monkeypatch):
     # crash in step 11 (after the checkpoint at step 8), resume: bit-identical to the full run
     real_step = trainer_module.Trainer._step
 
-    def crash(self, x):
+    def crash(self, *batch):
         if self.step == 10:
             raise RuntimeError("simulated crash")
-        real_step(self, x)
+        real_step(self, *batch)
 
     cfg, _ = config(tmp_path / "resumed", kind)
     monkeypatch.setattr(trainer_module.Trainer, "_step", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg, data=tc.SyntheticBatches(batch=64))
+        train(cfg, data=data(kind))
     monkeypatch.setattr(trainer_module.Trainer, "_step", real_step)
-    resumed = train(cfg, data=tc.SyntheticBatches(batch=64))
+    resumed = train(cfg, data=data(kind))
     a, b = (load_file(str(p / "model" / "model.safetensors")) for p in (out, resumed))
     assert a.keys() == b.keys()
     for key in a:

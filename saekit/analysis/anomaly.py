@@ -3,7 +3,8 @@
 A token's score is its squared reconstruction error ‖x − x̂‖² in raw activation units
 (``metrics.token_sq_error``, so the mean of the scores over tokens is metrics.py's MSE); ``relative`` divides it by ‖x − x̄‖², x̄ the mean over the
 scored tokens (so the scores sum to FVU times the number of tokens). Any trained model works: sparse,
-classical or RBM.
+classical or RBM. A transcoder's score is its prediction's error against the target hook's row
+(``target_hook``).
 """
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ from saekit.metrics import token_sq_error
 
 
 @torch.no_grad()
-def token_scores(model, x: Tensor) -> Tensor:
-    """[B] squared reconstruction error of each row of raw activations ``x``."""
+def token_scores(model, x: Tensor, target: Tensor | None = None) -> Tensor:
+    """[B] squared reconstruction error of each row of raw activations ``x`` (a transcoder's: of its
+    prediction against ``target``)."""
     model.eval()
-    return token_sq_error(x.float(), model(x).x_hat.float())
+    return token_sq_error((x if target is None else target).float(), model(x).x_hat.float())
 
 
 @torch.no_grad()
 def worst_contexts(model, store, hook: str | None = None, top: int = 20,
                    rows: tuple[int, int] | None = None, left: int = 8, right: int = 4,
                    tokenizer=None, relative: bool = False, batch_size: int = 4096,
-                   device="cpu") -> list[dict]:
+                   device="cpu", target_hook: str | None = None) -> list[dict]:
     """The ``top`` store rows in ``rows`` (default: all) with the largest error, worst first.
 
     Each entry: ``row``, ``sequence``, ``position``, ``score``, ``token`` (decoded), ``ids`` and
@@ -40,16 +42,18 @@ def worst_contexts(model, store, hook: str | None = None, top: int = 20,
     start, stop = rows if rows is not None else (0, reader.n_rows)
     model = model.to(device).eval()
     spans = [(a, min(stop, a + batch_size)) for a in range(start, stop, batch_size)]
+    scored = target_hook or hook  # the rows the error is measured against
     mean = None
     if relative:  # a first pass for x̄, the mean over the scored rows
-        total = sum(reader.activations(hook, span, dtype=torch.float64).sum(0) for span in spans)
+        total = sum(reader.activations(scored, span, dtype=torch.float64).sum(0) for span in spans)
         mean = total / max(stop - start, 1)
     best_s, best_r = torch.empty(0), torch.empty(0, dtype=torch.long)
     for a, b in spans:
         x = reader.activations(hook, (a, b), dtype=torch.float32).to(device)
-        s = token_scores(model, x).cpu()
+        y = reader.activations(target_hook, (a, b), dtype=torch.float32).to(device) if target_hook else x
+        s = token_scores(model, x, y).cpu()
         if relative:
-            s = (s.double() / (x.cpu().double() - mean).square().sum(-1).clamp_min(1e-30)).float()
+            s = (s.double() / (y.cpu().double() - mean).square().sum(-1).clamp_min(1e-30)).float()
         order = torch.cat([best_s, s]).argsort(descending=True, stable=True)[:top]
         best_s, best_r = torch.cat([best_s, s])[order], torch.cat([best_r, torch.arange(a, b)])[order]
     tokenizer = tokenizer or load_manifest_tokenizer(reader.manifest)

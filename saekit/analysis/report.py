@@ -3,6 +3,11 @@
 ``FeatureReport.build(run_dir)`` makes one streaming pass over the store (memory O(latents x examples))
 and then answers questions cheaply: ``card(latent)`` (shows itself in Jupyter), ``search("token")``,
 ``write_html(path)``. ``analyze_run(cfg)`` is what ``saekit analyze`` calls.
+
+A transcoder's latents are read off its *input* hook (``data.hook``: the contexts shown are the ones
+that make a latent fire), its lens reads the decoder row (the direction the latent adds to the
+predicted MLP output), and its worst tokens are those whose target (``data.target_hook``) it predicts
+worst.
 """
 from __future__ import annotations
 
@@ -26,13 +31,18 @@ from saekit.lm import load_manifest_lm, load_manifest_tokenizer, unembedding
 from saekit.schema import from_dict
 
 
-def run_paths(run: str | Path, store: str | None = None) -> tuple[Path, Path, str]:
-    """(model dir, store dir, hook) of a training run directory (its config.json is a TrainConfig)."""
+def run_config(run: str | Path) -> TrainConfig:
+    """The TrainConfig of a training run directory."""
     run = Path(run)
     if not (run / "config.json").exists():
         raise UserError(f"{run}: not a training run directory (no config.json); pass RUN_DIR of `saekit train`")
-    cfg = from_dict(TrainConfig, read_json(run / "config.json"), where=f"{run}/config.json: ")
-    return run / "model", Path(store or cfg.data.store), cfg.data.hook
+    return from_dict(TrainConfig, read_json(run / "config.json"), where=f"{run}/config.json: ")
+
+
+def run_paths(run: str | Path, store: str | None = None) -> tuple[Path, Path, str]:
+    """(model dir, store dir, hook) of a training run directory (its config.json is a TrainConfig)."""
+    cfg = run_config(run)
+    return Path(run) / "model", Path(store or cfg.data.store), cfg.data.hook
 
 
 @torch.inference_mode()
@@ -51,6 +61,7 @@ class FeatureReport:
     stats: FeatureStats
     context: int = 8
     quantile_bins: int = 4
+    target_hook: str | None = None  # transcoders: the hook they predict (for the worst-predicted tokens)
 
     @classmethod
     def build(cls, run: str | Path, store: str | None = None, max_tokens: int | None = None,
@@ -78,7 +89,7 @@ class FeatureReport:
                 else:
                     acc.update(model.encode(x), rows)
                 bar.update(stop - start)
-        return cls(model, reader, hook, acc.result(), context)
+        return cls(model, reader, hook, acc.result(), context, target_hook=run_config(run).data.target_hook)
 
     # --- tokens -------------------------------------------------------------------------------------
     @cached_property
@@ -183,15 +194,17 @@ class FeatureReport:
         """(title, [d, vocab] matrix): the unembedding, or for encoders the input embeddings (cosine)."""
         lm = load_manifest_lm(self.reader.manifest)
         w = unembedding(lm)
+        of = " of the predicted output (decoder row)" if self.model.predicts_target else ""
         if w is not None:
-            return "logit lens", w.detach().float()
+            return f"logit lens{of}", w.detach().float()
         emb = lm.model.get_input_embeddings().weight.detach().float()
-        return "embedding lens (no unembedding: cosine with input embeddings)", \
+        return f"embedding lens{of} (no unembedding: cosine with input embeddings)", \
             torch.nn.functional.normalize(emb, dim=-1).T
 
     @cached_property
     def directions(self) -> Tensor:
-        """[n, d] what each latent adds to the reconstruction, in raw units (exact for linear decoders)."""
+        """[n, d] what each latent adds to the reconstruction, in raw units (exact for linear decoders); a
+        transcoder's decode is its dictionary part, so these are its decoder rows in target units."""
         with torch.inference_mode():
             m = self.model
             eye = torch.eye(m.n_latents, device=m.device)
@@ -230,16 +243,18 @@ class FeatureReport:
                    summary: dict | None = None, worst: int = 0) -> Path:
         cards = self.cards(latents)
         st = self.stats
+        target = {"target hook (predicted)": self.target_hook} if self.target_hook else {}
         summary = {"store": str(self.reader.directory),
-                   "hook": self.hook, "tokens analyzed": st.n_tokens, "latents": self.model.n_latents,
+                   "hook": self.hook, **target, "tokens analyzed": st.n_tokens, "latents": self.model.n_latents,
                    "never active": f"{float((st.fire_count == 0).float().mean()):.2%}", **(summary or {})}
         sections = []
         if worst:
             entries = worst_contexts(self.model, self.reader, self.hook, top=worst,
-                                     rows=(0, st.n_tokens), tokenizer=self.tokenizer)
+                                     rows=(0, st.n_tokens), tokenizer=self.tokenizer, target_hook=self.target_hook)
             for entry in entries:  # word pieces as running text, like the cards
                 entry["context"] = self.token_str(entry["ids"])
-            sections.append((f"Worst-reconstructed tokens (squared error, top {worst})", anomaly_html(entries)))
+            what = "predicted" if self.target_hook else "reconstructed"
+            sections.append((f"Worst-{what} tokens (squared error, top {worst})", anomaly_html(entries)))
         return write_dashboard(cards, path, title, summary, sections)
 
 

@@ -1,6 +1,7 @@
 """Every autoencoder family behind one interface (base.py), each with its config beside its model:
 the SAE family (sae.py: relu_l1, topk, batchtopk, jumprelu, matryoshka, gated; the TopK fast path in kernels.py and
-triton_kernels.py), the classical family (classical.py: linear, nonlinear, denoising, contractive;
+triton_kernels.py), transcoders (transcoder.py: transcoder, skip_transcoder; they predict an MLP's output from
+its input), the classical family (classical.py: linear, nonlinear, denoising, contractive;
 pca.py) and RBMs (rbm.py). Importing this package registers them all in ``REGISTRY``
 (kind -> (model class, config class)).
 
@@ -19,3 +20,4 @@ from saekit.autoencoders.batchtopk import BatchTopKConfig  # noqa: F401,E402
 from saekit.autoencoders.jumprelu import JumpReLUConfig  # noqa: F401,E402
 from saekit.autoencoders.matryoshka import MatryoshkaConfig  # noqa: F401,E402
 from saekit.autoencoders.gated import GatedConfig  # noqa: F401,E402
+from saekit.autoencoders.transcoder import SkipTranscoderConfig, TranscoderConfig  # noqa: F401,E402

@@ -1,7 +1,8 @@
 """The one autoencoder interface every family implements, the base of their configs, and the registry.
 
 ``encode(x) -> code``, ``decode(code) -> x_hat``, ``forward(x) -> Output`` and ``save(dir)`` /
-``load(dir)``. Inputs are always *raw* activations: each model owns an ``input_scale`` buffer that the
+``load(dir)``; families that predict a target activation instead of reconstructing their input
+(transcoders, ``predicts_target``) take it as ``forward(x, target)``. Inputs are always *raw* activations: each model owns an ``input_scale`` buffer that the
 trainer sets once (to bring the mean squared norm of the data to d_in) and that the model applies on the
 way in and undoes on the way out, so a saved model works on raw activations without any folding step,
 and every loss part is computed in the normalized space, independent of the activation scale.
@@ -151,6 +152,10 @@ class Autoencoder(nn.Module):
     closed_form: ClassVar[bool] = False  # fitted once by fit_stream(batches), not by gradient steps
     sparse_encoder: ClassVar[bool] = False  # encode_sparse gives (indices, values) without a [B, n] code
     generative: ClassVar[bool] = False  # sample(n, steps) draws from the model (RBMs)
+    # forward(x, target) predicts another activation (transcoders: an MLP's output from its input);
+    # x_hat is that prediction and the losses measure it against target. Trained with data.target_hook;
+    # init_from_data then also gets the sample's targets (init_from_data(x, b_dec, target=y)).
+    predicts_target: ClassVar[bool] = False
 
     def __init__(self, d_in: int, cfg: AutoencoderConfig):
         super().__init__()

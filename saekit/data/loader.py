@@ -13,6 +13,8 @@ How an epoch is laid out (all of it fixed by ``seed``, ``epoch`` and the store, 
   (``drop_last=True``) or served as one short batch (``drop_last=False``).
 * So every batch is a function of (epoch, batch number): ``state_dict()`` holds just those, and a
   resumed loader reads only the fill it restarts in.
+* With ``target_hook`` (transcoders) every fill is read for both hooks over the same rows and shuffled
+  by the same permutation, so a batch is a pair (input, target) whose row i comes from one store row.
 """
 from __future__ import annotations
 
@@ -30,8 +32,14 @@ from .store import StoreError, StoreReader
 _END = object()
 
 
+def _each(fn, batch):
+    """``fn`` applied to a batch: one tensor, or each tensor of an (input, target) pair."""
+    return tuple(fn(t) for t in batch) if isinstance(batch, tuple) else fn(batch)
+
+
 class ActivationLoader:
-    """Iterate float32 ``[batch_size, d]`` batches of ``hook`` forever, or for ``epochs`` epochs.
+    """Iterate float32 ``[batch_size, d]`` batches of ``hook`` forever, or for ``epochs`` epochs; with
+    ``target_hook``, pairs ``(x [batch_size, d], y [batch_size, d_target])`` of the same store rows.
 
     ``loader.epoch`` counts completed epochs (it is the epoch the next batch comes from).
     ``row_range=(start, stop)`` restricts the loader to those global rows, e.g. to hold out the last
@@ -43,11 +51,15 @@ class ActivationLoader:
     def __init__(self, store: str | os.PathLike | StoreReader, hook: str, batch_size: int,
                  buffer_tokens: int = 262_144, seed: int = 0, rank: int = 0, world_size: int = 1,
                  prefetch: int = 4, row_range: tuple[int, int] | None = None, drop_last: bool = True,
-                 device: str | torch.device | None = None, epochs: int | None = None):
+                 device: str | torch.device | None = None, epochs: int | None = None,
+                 target_hook: str | None = None):
         self.store = store if isinstance(store, StoreReader) else StoreReader(store)
-        if hook not in self.store.hooks:
-            raise StoreError(f"{self.store.directory}: hook {hook!r} is not in this store; it has "
-                             f"{', '.join(self.store.hooks)} (set data.hook)")
+        for name, key in ((hook, "data.hook"), (target_hook, "data.target_hook")):
+            if name is not None and name not in self.store.hooks:
+                raise StoreError(f"{self.store.directory}: hook {name!r} is not in this store; it has "
+                                 f"{', '.join(self.store.hooks)} (set {key})")
+        self.target_hook = target_hook
+        self.hooks = [hook] if target_hook is None else [hook, target_hook]
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         self.hook, self.batch_size, self.seed = hook, int(batch_size), int(seed)
@@ -94,7 +106,7 @@ class ActivationLoader:
     def _layout(self) -> dict:
         return {"seed": self.seed, "batch_size": self.batch_size, "fill_rows": self.fill_rows,
                 "rank": self.rank, "world_size": self.world_size, "row_range": list(self.row_range),
-                "drop_last": self.drop_last, "n_rows": self.n_rows}
+                "drop_last": self.drop_last, "n_rows": self.n_rows, "target_hook": self.target_hook}
 
     def state_dict(self) -> dict:
         """Position of the next batch plus the settings that fix the batch order."""
@@ -108,8 +120,12 @@ class ActivationLoader:
         self.epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     # ---------------------------------------------------------------------------- producing
-    def _read_fill(self, order: np.ndarray, offsets: np.ndarray, fill: int) -> torch.Tensor:
-        """Rows [fill * fill_rows, ...) of the epoch's row stream, in the store dtype."""
+    def _read_fill(self, order: np.ndarray, offsets: np.ndarray, fill: int) -> list[torch.Tensor]:
+        """Rows [fill * fill_rows, ...) of the epoch's row stream, in the store dtype: one tensor per
+        hook of ``self.hooks``, the same rows in the same order."""
+        return [self._read_hook_fill(order, offsets, fill, hook) for hook in self.hooks]
+
+    def _read_hook_fill(self, order: np.ndarray, offsets: np.ndarray, fill: int, hook: str) -> torch.Tensor:
         lo, hi = fill * self.fill_rows, min(self.n_rows, (fill + 1) * self.fill_rows)
         parts = []
         for j in range(int(np.searchsorted(offsets, lo, side="right")) - 1, len(order)):
@@ -118,7 +134,7 @@ class ActivationLoader:
             shard, a, _ = self.pieces[order[j]]
             skip = max(lo - offsets[j], 0)
             take = min(hi, offsets[j + 1]) - offsets[j]
-            parts.append(self.store.shard_tensor(int(shard), f"acts.{self.hook}",
+            parts.append(self.store.shard_tensor(int(shard), f"acts.{hook}",
                                                  int(a + skip), int(a + take)))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -139,25 +155,30 @@ class ActivationLoader:
             fill = first_batch // per_fill
             ahead = read_ahead(fill)
             while ahead is not None:
-                buf = ahead.result()
+                bufs = ahead.result()
                 ahead = read_ahead(fill + 1)
-                perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, fill]).permutation(len(buf)))
-                n_batches = len(buf) // bs if self.drop_last else math.ceil(len(buf) / bs)
+                n = len(bufs[0])
+                perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, fill]).permutation(n))
+                n_batches = n // bs if self.drop_last else math.ceil(n / bs)
                 for k in range(max(first_batch - fill * per_fill, 0), n_batches):
                     rows = perm[k * bs:(k + 1) * bs]
-                    # For a GPU, gather straight into pinned memory: one host copy instead of two.
-                    out = torch.empty((len(rows), buf.shape[1]), dtype=buf.dtype, pin_memory=True) if self._pin else None
-                    x = torch.index_select(buf, 0, rows, out=out)
-                    yield fill * per_fill + k, x if self._feed else x.float()
+                    batch = tuple(self._gather(buf, rows) for buf in bufs)
+                    yield fill * per_fill + k, batch[0] if len(batch) == 1 else batch
                 fill += 1
 
-    def _hand_out(self, epoch: int, k: int, x: torch.Tensor) -> torch.Tensor:
+    def _gather(self, buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # For a GPU, gather straight into pinned memory: one host copy instead of two.
+        out = torch.empty((len(rows), buf.shape[1]), dtype=buf.dtype, pin_memory=True) if self._pin else None
+        x = torch.index_select(buf, 0, rows, out=out)
+        return x if self._feed else x.float()
+
+    def _hand_out(self, epoch: int, k: int, x):
         # The position moves only when a batch is handed out, so state_dict() ignores read-ahead.
         self.epoch, self._batch = epoch, k + 1
         if self._batch >= self.batches_per_epoch:
             self.epoch, self._batch = epoch + 1, 0
         if self.device is not None:  # a no-op for a batch the feed already put there
-            x = x.to(self.device, non_blocking=True)
+            x = _each(lambda t: t.to(self.device, non_blocking=True), x)
         return x
 
     def _produce(self, q: queue.Queue, stop: threading.Event, epoch: int, batch: int) -> None:
@@ -236,15 +257,16 @@ class _DeviceFeed:
         epoch, k, x, done = pending
         return epoch, k, self._wait(x, done)
 
-    def _start_copy(self, x_host: torch.Tensor):
+    def _start_copy(self, x_host):
         with torch.cuda.stream(self.stream):
-            x = x_host.to(self.device, non_blocking=True).float()
+            x = _each(lambda t: t.to(self.device, non_blocking=True).float(), x_host)
             done = torch.cuda.Event()
             done.record(self.stream)
         return x, done
 
-    def _wait(self, x: torch.Tensor, done) -> torch.Tensor:
+    def _wait(self, x, done):
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(done)
-        x.record_stream(compute)  # x was allocated on the side stream; it is used (and freed) here
+        # x was allocated on the side stream; it is used (and freed) here
+        _each(lambda t: t.record_stream(compute), x)
         return x

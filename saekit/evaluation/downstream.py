@@ -13,6 +13,11 @@ activations.
     with_error   x̂ + (x − x̂), i.e. the reconstruction with its error added back: equal to clean up to
                  float rounding, a check that the splice path itself changes nothing
 
+For a transcoder (``source_hook``: the MLP's input, ``hook``: the MLP's output) "spliced" puts its
+prediction from the activation at ``source_hook`` *of the same forward pass* in place of the activation at
+``hook``, and "with_error" adds back the true output's difference; the ablations replace the output as for
+an SAE. Every number below then means the same as for an SAE spliced at ``hook``.
+
 Causal LMs: mean next-token cross-entropy over every attention-masked prediction (position t predicts
 token t+1, both real), in nats; CE loss recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean)
 with zero-ablation as the reference (``ce_loss_recovered``) and mean-ablation beside it
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saekit.autoencoders import Autoencoder
-from saekit.lm import make_capture, splice
+from saekit.lm import make_capture, splice, splice_from
 from saekit.lm.capture import position_ids_for
 from saekit.schema import check_choice
 
@@ -90,7 +95,8 @@ class _Replacement:
         self.mode = "spliced"
         self.where: Tensor | None = None  # bool [B, T] for the batch being run
 
-    def __call__(self, act_BTD: Tensor) -> Tensor:
+    def __call__(self, act_BTD: Tensor, src_BTD: Tensor | None = None) -> Tensor:
+        """``src_BTD``: the activation a transcoder predicts ``act_BTD`` from (None: an SAE's own input)."""
         where = self.where.to(act_BTD.device)
         if not bool(where.any()):
             return act_BTD
@@ -101,7 +107,8 @@ class _Replacement:
             new_ND = self.mean.to(x_ND.device, x_ND.dtype).expand_as(x_ND)
         else:
             x = x_ND.float()
-            x_hat = self.reconstruct(x).to(x.device, x.dtype)
+            given = x if src_BTD is None else src_BTD[where].float()
+            x_hat = self.reconstruct(given).to(x.device, x.dtype)
             new_ND = x_hat + (x - x_hat) if self.mode == "with_error" else x_hat
             new_ND = new_ND.to(x_ND.device, x_ND.dtype)
         out = act_BTD.clone()
@@ -161,9 +168,10 @@ class _Sums:
 @torch.inference_mode()
 def downstream_metrics(lm, hook: str, model, tokens: Tensor, attention_mask: Tensor | None = None, *,
                        backend: str = "hf", positions: str = "real", mean: Tensor | None = None,
-                       batch_size: int = 8, error_check: bool = False) -> dict:
+                       batch_size: int = 8, error_check: bool = False, source_hook: str | None = None) -> dict:
     """Splice ``model``'s reconstruction into ``lm`` at ``hook`` over ``tokens`` [N, T]; see the module
-    docstring for every number returned. ``model`` is an autoencoder or a callable on raw activations."""
+    docstring for every number returned. ``model`` is an autoencoder or a callable on raw activations;
+    with ``source_hook`` (a transcoder) it maps the activation there to a replacement for ``hook``'s."""
     tokens = torch.as_tensor(tokens).long()
     if tokens.ndim != 2 or not len(tokens):
         raise ValueError(f"tokens must be a non-empty [n_sequences, T] tensor, got {tuple(tokens.shape)}")
@@ -193,7 +201,9 @@ def downstream_metrics(lm, hook: str, model, tokens: Tensor, attention_mask: Ten
             n_seq += ids.shape[0]
         for mode in modes:
             replace.mode = mode
-            with splice(lm, hook, replace, backend=backend):
+            spliced = (splice(lm, hook, replace, backend=backend) if source_hook is None
+                       else splice_from(lm, source_hook, hook, replace, backend=backend))
+            with spliced:
                 out = _forward(lm, ids, mask)
             if lm.is_causal:
                 logp = F.log_softmax(out[:, :-1][valid], -1)
@@ -203,6 +213,8 @@ def downstream_metrics(lm, hook: str, model, tokens: Tensor, attention_mask: Ten
                 sums.add(f"cos_{mode}", F.cosine_similarity(pooled_clean, _mean_pool(out, mask), dim=-1))
     common = {"backend": backend, "positions": positions, "sequences": len(tokens),
               "spliced_positions": n_spliced, "hook": hook}
+    if source_hook is not None:
+        common["source_hook"] = source_hook
     s = sums.values
     if lm.is_causal:
         ce = {m: s[f"ce_{m}"] / n_pred for m in ["clean", *modes]}

@@ -2,6 +2,9 @@
 
 What is evaluated where:
 
+* Transcoders (trained with ``data.target_hook``) are measured against the target: FVU etc. of their
+  prediction of the target hook's rows from the input hook's, and downstream by splicing that prediction
+  in place of the target (downstream.py), so every number means what it means for an SAE at the target.
 * Reconstruction and sparsity (FVU, MSE, cosine, L0, dead/dense fractions, the feature-density
   histogram; definitions in metrics.py) on the LAST ``heldout_tokens`` rows of the store: exactly the rows
   the trainer kept out of training when the run set ``data.heldout_tokens`` (the default here is that
@@ -70,26 +73,45 @@ def heldout_sequences(reader, first_row: int, n: int) -> tuple[torch.Tensor, boo
     return torch.stack([reader.sequence(s) for s in range(start, stop)]), held_out
 
 
-def _row_batches(reader, hook, start, stop, batch_size, device):
+def _row_batches(reader, hook, start, stop, batch_size, device, target_hook=None):
+    """Batches of ``hook``'s rows, or with ``target_hook`` (input, target) pairs of the same rows."""
     for a in range(start, stop, batch_size):
-        yield reader.activations(hook, (a, min(stop, a + batch_size)), dtype=torch.float32).to(device)
+        span = (a, min(stop, a + batch_size))
+        x = reader.activations(hook, span, dtype=torch.float32).to(device)
+        if target_hook is None:
+            yield x
+        else:
+            yield x, reader.activations(target_hook, span, dtype=torch.float32).to(device)
+
+
+def check_target(model, target_hook: str | None) -> None:
+    """A transcoder is measured against a target hook, and only a transcoder is."""
+    if model.predicts_target and target_hook is None:
+        raise UserError(f"a {model.kind} predicts a target activation: evaluate it with the run's "
+                        "data.target_hook (its config.json names none)")
+    if target_hook is not None and not model.predicts_target:
+        raise UserError(f"target hook {target_hook!r} given, but a {model.kind} reconstructs its input")
 
 
 # -------------------------------------------------------------------------------------- metrics
 @torch.no_grad()
 def reconstruction_metrics(model, reader, hook: str, rows: tuple[int, int], batch_size: int = 4096,
-                           device="cpu", dead_window_tokens: int | None = None) -> tuple[dict, Metrics]:
+                           device="cpu", dead_window_tokens: int | None = None,
+                           target_hook: str | None = None) -> tuple[dict, Metrics]:
     """Every metrics.py number over store rows [start, stop), plus the feature-density histogram.
 
     Dead and dense fractions (and the histogram) count the first ``dead_window_tokens`` rows only,
-    when given; ``dead_window_tokens`` in the result says which window they cover."""
+    when given; ``dead_window_tokens`` in the result says which window they cover. With
+    ``target_hook`` (transcoders) the model's output is measured against that hook's rows."""
+    check_target(model, target_hook)
     model.eval()
     metrics = Metrics(model.n_latents)
     window = FiringStats(model.n_latents)
     limit = rows[1] - rows[0] if dead_window_tokens is None else min(dead_window_tokens, rows[1] - rows[0])
-    for x in _row_batches(reader, hook, *rows, batch_size, device):
+    for batch in _row_batches(reader, hook, *rows, batch_size, device, target_hook):
+        x, y = batch if target_hook is not None else (batch, batch)
         out = model(x)
-        metrics.update(x, out)
+        metrics.update(y, out)
         take = min(x.shape[0], limit - window.n)
         if take > 0:
             window.update(_first(out, take, model.n_latents), out.nonzero_per_token()[:take])
@@ -120,16 +142,20 @@ def _positions(cfg: EvalConfig, manifest: dict) -> str:
 
 
 def evaluate_model(model, reader, hook: str, cfg: EvalConfig, heldout_tokens: int, lm=None,
-                   training_heldout: int | None = None) -> dict:
-    """All metrics of one autoencoder against one store (``lm`` is loaded from the store if needed)."""
+                   training_heldout: int | None = None, target_hook: str | None = None) -> dict:
+    """All metrics of one autoencoder against one store (``lm`` is loaded from the store if needed);
+    a transcoder's against ``target_hook``, from ``hook``'s activations."""
     from saekit.data.store import split_rows
     from saekit.evaluation.downstream import downstream_metrics
 
     device = resolve_device(cfg.device)
     model = model.to(device).eval()
     _, rows = split_rows(reader.n_rows, heldout_tokens)
+    check_target(model, target_hook)
     result = {"kind": model.kind, "n_latents": model.n_latents, "d_in": model.d_in, "hook": hook,
               "store": str(reader.directory), "heldout_rows": list(rows)}
+    if target_hook is not None:
+        result["target_hook"] = target_hook
     if training_heldout is not None:
         overlap = max(0, heldout_tokens - training_heldout)
         result["heldout_rows_seen_in_training"] = overlap
@@ -138,7 +164,7 @@ def evaluate_model(model, reader, hook: str, cfg: EvalConfig, heldout_tokens: in
                           f"(the run held out {training_heldout}); reconstruction metrics are optimistic",
                           stacklevel=2)
     recon, metrics = reconstruction_metrics(model, reader, hook, rows, cfg.batch_tokens, device,
-                                            cfg.dead_window_tokens)
+                                            cfg.dead_window_tokens, target_hook)
     result["reconstruction"] = recon
     if cfg.downstream and cfg.downstream_sequences > 0:
         tokens, held_out = heldout_sequences(reader, rows[0], cfg.downstream_sequences)
@@ -146,9 +172,12 @@ def evaluate_model(model, reader, hook: str, cfg: EvalConfig, heldout_tokens: in
             from saekit.lm import load_manifest_lm
 
             lm = load_manifest_lm(reader.manifest, device)
-        down = downstream_metrics(lm, hook, model, tokens, backend=cfg.backend,
+        # A transcoder's prediction replaces its target, computed from its input in the same pass.
+        spliced_at, source = (hook, None) if target_hook is None else (target_hook, hook)
+        down = downstream_metrics(lm, spliced_at, model, tokens, backend=cfg.backend,
                                   positions=_positions(cfg, reader.manifest), mean=metrics.recon.mean,
-                                  batch_size=cfg.downstream_batch_sequences, error_check=cfg.error_check)
+                                  batch_size=cfg.downstream_batch_sequences, error_check=cfg.error_check,
+                                  source_hook=source)
         down["windows_held_out"] = held_out
         result["downstream"] = down
     if cfg.probe:
@@ -180,12 +209,14 @@ def evaluate_run(cfg: EvalConfig, lm=None) -> dict:
         raise UserError(f"{run_dir}: no config.json naming the store; pass --store STORE_DIR")
     reader = StoreReader(store)
     hook = data_cfg.get("hook") or reader.hooks[0]
+    target_hook = data_cfg.get("target_hook")
     trained_heldout = int(data_cfg.get("heldout_tokens", 0) or 0)
     heldout = cfg.heldout_tokens or trained_heldout or DEFAULT_HELDOUT
     # A run trained on another store has no held-out rows in this one.
     same_store = cfg.store is None or Path(cfg.store).resolve() == Path(data_cfg.get("store", "")).resolve()
     result = evaluate_model(model, reader, hook, cfg, heldout, lm=lm,
-                            training_heldout=trained_heldout if same_store and train_cfg else None)
+                            training_heldout=trained_heldout if same_store and train_cfg else None,
+                            target_hook=target_hook)
     result["run"] = str(run_dir)
     result["eval_config"] = to_dict(cfg)
     if train_metrics:

@@ -12,7 +12,8 @@ from saekit.lm.hooks import (
     valid_hook_names,
 )
 from saekit.lm.loading import LoadedLM, load_lm, load_manifest_lm, load_manifest_tokenizer, unembedding
-from saekit.lm.splice import splice
+from saekit.lm.hooks import mlp_hooks
+from saekit.lm.splice import splice, splice_from
 
 __all__ = [
     "BACKENDS",
@@ -27,7 +28,9 @@ __all__ = [
     "load_manifest_lm",
     "load_manifest_tokenizer",
     "make_capture",
+    "mlp_hooks",
     "splice",
+    "splice_from",
     "unembedding",
     "valid_hook_names",
 ]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from saekit.schema import check_choice
-from saekit.lm.hooks import UnknownHookError, attach, hook_site, parse_hooks, valid_hook_names
+from saekit.lm.hooks import UnknownHookError, attach, bridge_hook_name, hook_site, parse_hooks, valid_hook_names
 from saekit.lm.loading import LoadedLM
 
 BACKENDS = ("hf", "transformer_lens")
@@ -136,11 +136,12 @@ class TLCapture(_Capture):
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         input_ids, mask = self._inputs(input_ids, attention_mask)
+        names = {h: bridge_hook_name(self.lm, h) for h in self.hooks}
         with torch.inference_mode():
             _, cache = self.bridge.run_with_cache(
-                input_ids, attention_mask=mask, names_filter=self.hooks, stop_at_layer=self._stop_at
+                input_ids, attention_mask=mask, names_filter=list(names.values()), stop_at_layer=self._stop_at
             )
-        return {h: cache[h] for h in self.hooks}
+        return {h: cache[names[h]] for h in self.hooks}
 
 
 # ------------------------------------------------------------------------------------ the bridge
@@ -215,6 +216,6 @@ def _boot(lm: LoadedLM) -> _Bridged:
 
 def check_bridge_hooks(lm: LoadedLM, bridge, hooks: list[str]) -> None:
     for name in hooks:
-        if name not in bridge.hook_dict:
+        if bridge_hook_name(lm, name) not in bridge.hook_dict:
             reason = "TransformerBridge does not expose it for this architecture; use backend='hf'"
             raise UnknownHookError(name, valid_hook_names(lm), lm.model_id, reason)

@@ -8,12 +8,30 @@ The four hook kinds mean exactly what TransformerLens 4's TransformerBridge mean
 - ``hook_attn_out``:   the output of the module the bridge calls ``attn``; where the block has a
   post-attention norm (Gemma 2: ``ln1_post``) the bridge re-points it at that norm's output.
 - ``hook_mlp_out``:    likewise for the MLP (Gemma 2: ``ln2_post``).
+- ``mlp.hook_in``:     the input of the module the bridge calls ``mlp`` (its ``blocks.i.mlp.hook_in``):
+  what the MLP reads, after the pre-MLP norm where there is one. With ``hook_mlp_out`` it is the pair a
+  transcoder learns to map (``MLP_HOOKS`` below).
 
 BERT is post-LN and the bridge wraps the whole ``BertAttention`` as ``attn``, whose output is
 ``LayerNorm(x + attention(x))``: so for BERT ``hook_attn_out`` is the normed mid-block residual, not
 the attention's additive contribution. BERT has no single MLP module, so the bridge points
 ``hook_mlp_out`` at ``output.dense`` (before dropout, the residual add and the LayerNorm). We follow
-the bridge in both cases so the two backends agree.
+the bridge in both cases so the two backends agree. For the same reason BERT's ``mlp.hook_in`` is the
+input of ``intermediate`` (the bridge's ``blocks.i.mlp.in.hook_in``; its containerless ``mlp`` never
+runs), i.e. ``hook_attn_out``'s value, which BERT's MLP reads.
+
+The MLP input/output pair of block L, per architecture (the HF modules, relative to the block):
+
+| architecture | ``blocks.L.mlp.hook_in`` (input of) | ``blocks.L.hook_mlp_out`` (output of) |
+| --- | --- | --- |
+| GPT-2 | ``mlp`` (after ``ln_2``) | ``mlp`` |
+| GPT-NeoX (Pythia) | ``mlp`` (after ``post_attention_layernorm``) | ``mlp`` |
+| Llama, Qwen2 | ``mlp`` (after ``post_attention_layernorm``) | ``mlp`` |
+| Gemma 2 | ``mlp`` (after ``pre_feedforward_layernorm``) | ``post_feedforward_layernorm`` |
+| BERT, MiniLM | ``intermediate`` (= the attention block's normed output) | ``output.dense`` |
+
+TransformerLens's own ``hook_mlp_in`` is another tensor (the residual before the pre-MLP norm, where
+there is one), so saekit does not use that name.
 """
 from __future__ import annotations
 
@@ -27,8 +45,11 @@ from torch import nn
 from saekit.errors import UserError
 from saekit.schema import nearest
 
-HOOK_KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # firing order within a block
-_HOOK_RE = re.compile(r"blocks\.(\d+)\.hook_(\w+)")
+HOOK_KINDS = ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post")  # firing order within a block
+# The name of each kind after ``blocks.{i}.`` (all but mlp_in are ``hook_{kind}``).
+_SUFFIX = {kind: "mlp.hook_in" if kind == "mlp_in" else f"hook_{kind}" for kind in HOOK_KINDS}
+_KIND_OF = {suffix: kind for kind, suffix in _SUFFIX.items()}
+_HOOK_RE = re.compile(r"blocks\.(\d+)\.(\S+)")
 
 
 @dataclass(frozen=True)
@@ -38,6 +59,7 @@ class Layout:
     blocks: str  # dotted path to the ModuleList of blocks
     attn_out: str  # module inside a block whose output TL calls hook_attn_out
     mlp_out: str  # module inside a block whose output TL calls hook_mlp_out
+    mlp_in: str = "mlp"  # module inside a block whose input TL calls mlp.hook_in
     is_causal: bool = True
 
 
@@ -49,8 +71,14 @@ LAYOUTS: dict[str, Layout] = {
     "qwen2": Layout("layers", "self_attn", "mlp"),
     # Gemma 2 norms each sublayer's output before the residual add; TL's attn/mlp_out are the normed ones.
     "gemma2": Layout("layers", "post_attention_layernorm", "post_feedforward_layernorm"),
-    "bert": Layout("encoder.layer", "attention", "output.dense", is_causal=False),
+    "bert": Layout("encoder.layer", "attention", "output.dense", mlp_in="intermediate", is_causal=False),
 }
+
+
+def mlp_hooks(layer: int) -> tuple[str, str]:
+    """(MLP input, MLP output) hook names of block ``layer``: a transcoder's ``data.hook`` and
+    ``data.target_hook``. The same names for every architecture; the table above says what they are."""
+    return hook_name(layer, "mlp_in"), hook_name(layer, "mlp_out")
 
 
 class UnsupportedArchitectureError(UserError, ValueError):
@@ -79,7 +107,15 @@ def layout_for(architecture: str) -> Layout:
 
 
 def hook_name(layer: int, kind: str) -> str:
-    return f"blocks.{layer}.hook_{kind}"
+    return f"blocks.{layer}.{_SUFFIX[kind]}"
+
+
+def bridge_hook_name(lm, name: str) -> str:
+    """The TransformerBridge's name for saekit hook ``name`` (they differ only for BERT's mlp.hook_in)."""
+    m = _HOOK_RE.fullmatch(name)
+    if m and m.group(2) == _SUFFIX["mlp_in"] and lm.architecture == "bert":
+        return f"blocks.{m.group(1)}.mlp.in.hook_in"
+    return name
 
 
 def valid_hook_names(lm) -> list[str]:
@@ -96,13 +132,13 @@ def parse_hooks(lm, hooks: list[str] | str) -> list[tuple[str, int, str]]:
     parsed = []
     for name in dict.fromkeys(hooks):
         m = _HOOK_RE.fullmatch(name)
-        if m is None or m.group(2) not in HOOK_KINDS:
+        if m is None or m.group(2) not in _KIND_OF:
             raise UnknownHookError(name, valid_hook_names(lm), lm.model_id)
         layer = int(m.group(1))
         if layer >= lm.n_layers:
             reason = f"the model has {lm.n_layers} layers"
             raise UnknownHookError(name, valid_hook_names(lm), lm.model_id, reason)
-        parsed.append((name, layer, m.group(2)))
+        parsed.append((name, layer, _KIND_OF[m.group(2)]))
     return parsed
 
 
@@ -118,6 +154,8 @@ def hook_site(lm, layer: int, kind: str) -> tuple[nn.Module, str]:
         return block, "input"
     if kind == "resid_post":
         return block, "output"
+    if kind == "mlp_in":
+        return block.get_submodule(layout.mlp_in), "input"
     return block.get_submodule(layout.attn_out if kind == "attn_out" else layout.mlp_out), "output"
 
 

@@ -1,4 +1,7 @@
-"""Replace the activation at one hook while the caller runs ``lm.model`` (downstream evaluation)."""
+"""Replace the activation at one hook while the caller runs ``lm.model`` (downstream evaluation): with
+a function of that activation (``splice``: an SAE's reconstruction), or of the activation at an earlier
+hook of the same forward pass (``splice_from``: a transcoder's prediction of an MLP's output from the
+MLP's input)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -7,10 +10,12 @@ from typing import Callable, Iterator
 import torch
 
 from saekit.lm.capture import bridged, check_backend, check_bridge_hooks
-from saekit.lm.hooks import attach, hook_site, parse_hooks
+from saekit.lm.hooks import attach, bridge_hook_name, hook_site, parse_hooks
 from saekit.lm.loading import LoadedLM
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]
+# (activation at the spliced hook, activation at the source hook earlier in the same pass) -> replacement
+SourcedReplacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @contextmanager
@@ -30,7 +35,45 @@ def splice(lm: LoadedLM, hook: str, fn: Replacement, backend: str = "hf") -> Ite
         return
     pair = bridged(lm)
     check_bridge_hooks(lm, pair.bridge, [name])
-    with pair.bridge.hooks(fwd_hooks=[(name, lambda act, hook: checked(act))]):
+    with pair.bridge.hooks(fwd_hooks=[(bridge_hook_name(lm, name), lambda act, hook: checked(act))]):
+        with _redirected(lm.model, pair.twin):
+            yield
+
+
+@contextmanager
+def splice_from(lm: LoadedLM, source: str, hook: str, fn: SourcedReplacement,
+                backend: str = "hf") -> Iterator[None]:
+    """Inside the block, every forward of ``lm.model`` sees ``fn(act, src)`` instead of ``act`` at
+    ``hook``, ``src`` being the activation at ``source`` in the same pass (which must fire first, e.g.
+    ``blocks.L.mlp.hook_in`` before ``blocks.L.hook_mlp_out``). Both are Tensor[B, T, d]."""
+    check_backend(backend)
+    (src_name, src_layer, src_kind), = parse_hooks(lm, [source])
+    (name, layer, kind), = parse_hooks(lm, [hook])
+    seen: list[torch.Tensor] = []
+
+    def record(act: torch.Tensor) -> None:
+        seen[:] = [act.clone()]  # a later layer may reuse the buffer in place
+
+    def replace(act: torch.Tensor) -> torch.Tensor:
+        if not seen:
+            raise RuntimeError(f"splice: {src_name} did not fire before {name}; it must come earlier in the pass")
+        src = seen.pop()
+        return fn(act, src)
+
+    checked = _checked(replace, name)
+    if backend == "hf":
+        handles = [attach(*hook_site(lm, src_layer, src_kind), record), attach(*hook_site(lm, layer, kind), checked)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        return
+    pair = bridged(lm)
+    check_bridge_hooks(lm, pair.bridge, [src_name, name])
+    fwd = [(bridge_hook_name(lm, src_name), lambda act, hook: record(act)),
+           (bridge_hook_name(lm, name), lambda act, hook: checked(act))]
+    with pair.bridge.hooks(fwd_hooks=fwd):
         with _redirected(lm.model, pair.twin):
             yield
 

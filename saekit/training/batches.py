@@ -1,6 +1,7 @@
 """The training data as a stream of batches whose position can be saved and restored.
 
-Any iterable of [B, d] tensors works. A source that also has ``state_dict()`` / ``load_state_dict()``
+Any iterable of [B, d] tensors works (for a transcoder: of (input [B, d], target [B, d_target]) pairs,
+rows aligned). A source that also has ``state_dict()`` / ``load_state_dict()``
 (the store's ActivationLoader, or your own) resumes exactly; any other iterable restarts from wherever
 it happens to be, which the trainer warns about.
 """
@@ -32,16 +33,20 @@ class BatchStream:
             self._it = iter(self.source)
         return self._it
 
-    def _pull(self) -> Tensor:
+    def _pull(self) -> Tensor | tuple[Tensor, Tensor]:
         batch = next(self._iter())
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(
+                isinstance(t, Tensor) and t.ndim == 2 for t in batch) and len(batch[0]) == len(batch[1]):
+            return tuple(batch)
         if not isinstance(batch, Tensor) or batch.ndim != 2:
             got = (f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, Tensor)
                    else type(batch).__name__)
-            raise TypeError(f"training data must yield [batch, d] tensors, got {got} (to train on one big "
-                            "[N, d] tensor, pass x.split(batch_size))")
+            raise TypeError(f"training data must yield [batch, d] tensors (or, for a transcoder, pairs of "
+                            f"[batch, d] input and target tensors), got {got} (to train on one big [N, d] "
+                            "tensor, pass x.split(batch_size))")
         return batch
 
-    def peek(self, n_batches: int) -> list[Tensor]:
+    def peek(self, n_batches: int) -> list:
         """The next ``n_batches`` (fewer if the source ends), still to be trained on afterwards."""
         while len(self._pending) < n_batches:
             try:
@@ -54,7 +59,7 @@ class BatchStream:
     def __iter__(self):
         return self
 
-    def __next__(self) -> Tensor:
+    def __next__(self):
         if self._pending:
             batch, self._state = self._pending.popleft()
             return batch
@@ -93,4 +98,5 @@ def open_store(cfg: TrainConfig, rank: int, world_size: int, device=None):
     return ActivationLoader(store, data.hook, data.batch_tokens // world_size,
                             buffer_tokens=data.buffer_tokens, seed=data.seed, rank=rank,
                             world_size=world_size, prefetch=data.prefetch_batches, row_range=row_range,
-                            device=device if on_gpu else None)  # pinned, non-blocking copies
+                            device=device if on_gpu else None,  # pinned, non-blocking copies
+                            target_hook=data.target_hook)

@@ -8,11 +8,13 @@
         loss.png        loss, FVU and L0 against tokens
         wandb/          the W&B run, when cfg.wandb
 
-Gradient-trained models take Adam steps on ``forward(x).loss``; closed-form models
+Gradient-trained models take Adam steps on ``forward(x).loss`` (transcoders, with ``data.target_hook``:
+``forward(x, target).loss``, and the logged FVU is the prediction's against the target); closed-form models
 (``Autoencoder.closed_form``, e.g. PCA) get ``fit_stream(batches)`` once instead.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from saekit.autoencoders import Autoencoder, build
+from saekit.autoencoders import Autoencoder, build, registry
 from saekit.config import TrainConfig, resolve_device
 from saekit.errors import ConfigError, UserError
 from saekit.files import directory_lock, read_json, write_json
@@ -163,37 +165,65 @@ class Trainer:
         return self._train_gradient(model, ckpt, meta, tensors)
 
     # ---------------------------------------------------------------------------- initialization
-    def _init_model(self) -> tuple[Autoencoder, list[Tensor]]:
+    def _init_model(self) -> tuple[Autoencoder, list]:
         cfg, d = self.cfg, self.dist
         first = self.stream.peek(1)
         if not first:
             raise UserError("the training data is empty (no batch of data.batch_tokens rows); harvest more "
                             "tokens or lower data.batch_tokens")
-        batch_tokens = first[0].shape[0] * d.world_size
+        pairs = isinstance(first[0], tuple)
+        predicts = registry()[cfg.model.kind].model.predicts_target
+        if pairs != predicts:
+            raise UserError(f"kind '{cfg.model.kind}' trains on (input, target) pairs (data.target_hook) but the "
+                            "training data yields single tensors" if predicts else
+                            f"the training data yields (input, target) pairs, but kind '{cfg.model.kind}' "
+                            "reconstructs its input; pass [batch, d] tensors or use a transcoder")
+        batch_tokens = (first[0][0] if pairs else first[0]).shape[0] * d.world_size
         n_batches = max(1, math.ceil(min(INIT_SAMPLE_TOKENS, cfg.total_tokens) / batch_tokens))
         batches = self.stream.peek(n_batches)
-        local = torch.cat(batches).to(self.device, torch.float32)
-        sample = distributed.all_gather_cat(local, d)  # identical sample, hence init, on every rank
-        if not torch.isfinite(sample).all():
-            raise UserError(f"the first {sample.shape[0]} training tokens contain non-finite values "
-                            "(inf/nan); cannot set the input scale and decoder bias from them")
+
+        def gathered(part: list[Tensor], what: str) -> Tensor:
+            local = torch.cat(part).to(self.device, torch.float32)
+            sample = distributed.all_gather_cat(local, d)  # identical sample, hence init, on every rank
+            if not torch.isfinite(sample).all():
+                raise UserError(f"the first {sample.shape[0]} training tokens contain non-finite values "
+                                f"(inf/nan) in the {what}; cannot set the input scale and decoder bias from them")
+            return sample
+
+        sample = gathered([b[0] for b in batches] if pairs else batches, "inputs")
+        targets = gathered([b[1] for b in batches], "targets") if pairs else None
+        model_cfg = cfg.model
+        if targets is not None:
+            width = targets.shape[1]
+            if model_cfg.d_out not in (None, width):
+                raise ConfigError(f"config key 'model.d_out' is {model_cfg.d_out}, but the targets "
+                                  f"({cfg.data.target_hook}) have width {width}; drop model.d_out or set it to {width}")
+            model_cfg = dataclasses.replace(model_cfg, d_out=width)
 
         torch.manual_seed(cfg.seed)
-        model = build(cfg.model, sample.shape[1]).to(self.device)
+        model = build(model_cfg, sample.shape[1]).to(self.device)
         with torch.no_grad():
             model.input_scale.fill_(input_scale(sample) if cfg.normalize else 1.0)
-            model.init_from_data(sample, decoder_bias(sample, cfg.b_dec_init))
+            if targets is None:
+                model.init_from_data(sample, decoder_bias(sample, cfg.b_dec_init))
+            else:
+                model.output_scale.fill_(input_scale(targets) if cfg.normalize else 1.0)
+                model.init_from_data(sample, decoder_bias(targets, cfg.b_dec_init), target=targets)
         if d.rank:  # ranks share the init but draw different noise (denoising, RBM sampling, ...)
             torch.manual_seed(cfg.seed + 7919 * d.rank)
         return model, batches
 
-    def _next_batch(self) -> Tensor | None:
+    def _next_batch(self) -> tuple[Tensor, Tensor | None] | None:
+        """(inputs, targets or None) of the next batch on the device, or None when the data ran out."""
         try:
-            return next(self.stream).to(self.device, torch.float32, non_blocking=True)
+            batch = next(self.stream)
         except StopIteration:
             warnings.warn(f"the training data ran out after {self.tokens} of {self.cfg.total_tokens} "
                           "tokens; finishing early", stacklevel=2)
             return None
+        x, y = batch if isinstance(batch, tuple) else (batch, None)
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        return x, (y.to(self.device, torch.float32, non_blocking=True) if y is not None else None)
 
     # ------------------------------------------------------------------------------- closed form
     def _fit_closed_form(self, model: Autoencoder, sample: list[Tensor]) -> Path:
@@ -206,9 +236,10 @@ class Trainer:
 
         def batches():
             while self.tokens < cfg.total_tokens:
-                x = self._next_batch()
-                if x is None:
+                batch = self._next_batch()
+                if batch is None:
                     return
+                x = batch[0]
                 self.tokens += x.shape[0]
                 self.tracker.advance(x.shape[0])
                 yield x
@@ -254,11 +285,12 @@ class Trainer:
         every = cfg.checkpoint_every_tokens
         start, start_tokens = time.perf_counter(), self.tokens
         while self.tokens < cfg.total_tokens:
-            x = self._next_batch()
-            if x is None:
+            batch = self._next_batch()
+            if batch is None:
                 break
             before = self.tokens
-            self._step(x)
+            x, target = batch
+            self._step(x) if target is None else self._step(x, target)
             self.tracker.advance(self.tokens - before)
             if cfg.log_every_steps > 0 and self.step % cfg.log_every_steps == 0:
                 self._log(time.perf_counter() - start, self.tokens - start_tokens)
@@ -274,7 +306,7 @@ class Trainer:
         distributed.barrier(d)
         return self.run_dir
 
-    def _step(self, x: Tensor) -> None:
+    def _step(self, x: Tensor, target: Tensor | None = None) -> None:
         cfg, model = self.cfg, self.model
         n_tokens = x.shape[0] * self.dist.world_size
         middle = self.tokens + n_tokens / 2
@@ -285,7 +317,7 @@ class Trainer:
         model.set_dead_mask(self.dead.dead_mask(self.dead_after_tokens))
 
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.forward(x)
+            out = self.forward(x) if target is None else self.forward(x, target)
         loss = out.loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -305,7 +337,7 @@ class Trainer:
             self.dead.update(packed[:n], n_tokens)
             self.window_firing.add_counts(packed[:n], packed[n], n_tokens)
             self.density.add_counts(packed[:n], packed[n], n_tokens)
-            self.window_recon.update(x, out.x_hat.float())
+            self.window_recon.update(x if target is None else target, out.x_hat.float())
             for name, value in out.losses.items():
                 self.window_losses[name] = self.window_losses.get(name, 0.0) + value.detach().float()
         self.window_steps += 1
