@@ -5,9 +5,9 @@ itself, must give saekit's codes and reconstructions.
     python scripts/check_interop_exports.py --out DIR  # keep the exports in DIR (default: a temp dir, removed)
 
 In saekit's environment it builds small SAEs of every exportable family with random, non-trivial weights
-(d_in 13, 40 latents, input_scale != 1, nonzero biases, distinct JumpReLU thresholds, a BatchTopK whose
-threshold was learned by a few training steps, TopKs where a row has fewer than k positive
-pre-activations), exports each with export_saelens / export_sparsify and saves, beside each export, a
+(d_in 13, 40 latents, input_scale != 1, nonzero biases, distinct JumpReLU thresholds, a BatchTopK and a
+Matryoshka whose threshold was learned by a few training steps, a Gated SAE, TopKs where a row has fewer
+than k positive pre-activations), exports each with export_saelens / export_sparsify and saves, beside each export, a
 fixed input batch with saekit's own codes and reconstructions (``saekit_io.safetensors``). Then it re-runs
 itself inside the peers venv (``--inside``, HF_HUB_OFFLINE=1; SAELens and sparsify never enter saekit's
 environment, and saekit is not imported there): ``SAE.load_from_disk`` / ``SparseCoder.load_from_disk``
@@ -82,6 +82,9 @@ def make_exports(out: Path) -> None:
             model.input_scale.fill_(scale)
             if kind == "jumprelu":  # all distinct, spread over the pre-activations' range
                 model.log_threshold.copy_((0.05 + 0.8 * torch.rand(N_LATENTS, generator=gen)).log())
+            if kind == "gated":  # a magnitude path unlike the gate: each zeroes latents the other keeps
+                model.r_mag.copy_(0.5 * torch.randn(N_LATENTS, generator=gen))
+                model.b_mag.copy_(0.3 * torch.randn(N_LATENTS, generator=gen))
         return model
 
     def batch(model):
@@ -98,15 +101,18 @@ def make_exports(out: Path) -> None:
         "saelens_topk_few_positive": ("saelens", sae("topk", 2.5, few_positive=True, k=K)),
         "saelens_jumprelu": ("saelens", sae("jumprelu", 0.37)),
         "saelens_batchtopk": ("saelens", sae("batchtopk", 1.6, k=K)),
+        "saelens_matryoshka": ("saelens", sae("matryoshka", 0.8, k=K, group_fractions=[0.25, 0.25, 0.5])),
+        "saelens_gated": ("saelens", sae("gated", 0.37)),
         "sparsify_topk": ("sparsify", sae("topk", 0.37, k=K)),
         "sparsify_topk_few_positive": ("sparsify", sae("topk", 2.5, few_positive=True, k=K)),
     }
-    btk = models["saelens_batchtopk"][1]
-    btk.train()
-    with torch.no_grad():  # learn the inference threshold as training does: EMA of each batch's smallest kept
-        for _ in range(50):
-            btk(batch(btk))
-    assert btk.threshold.item() > 0, "the BatchTopK threshold was not learned"
+    for name in ("saelens_batchtopk", "saelens_matryoshka"):
+        btk = models[name][1]
+        btk.train()
+        with torch.no_grad():  # learn the inference threshold as training does: EMA of each batch's smallest kept
+            for _ in range(50):
+                btk(batch(btk))
+        assert btk.threshold.item() > 0, f"the {name} threshold was not learned"
 
     manifest = {}
     for name, (fmt, model) in models.items():
@@ -182,7 +188,7 @@ def check_inside(out: Path) -> int:
             problems.append("different latents fire")
         l0 = (ref["codes"] != 0).sum(-1).float()
         status = "ok" if not problems else "FAIL: " + "; ".join(problems)
-        print(f"{name:28s} {entry['kind']:9s} -> {cls:12s} codes {d_codes:.2e}  x_hat {d_xhat:.2e}  "
+        print(f"{name:28s} {entry['kind']:10s} -> {cls:12s} codes {d_codes:.2e}  x_hat {d_xhat:.2e}  "
               f"L0 {l0.mean().item():5.2f} (min {int(l0.min())})  s {entry['input_scale']:.4g}  {status}")
         if problems:
             failures.append(name)

@@ -13,7 +13,7 @@ Inside, it builds SAEs with random, non-trivial weights, saves each with the lib
 runs the library's own encode/decode on a fixed input batch and saves the input and outputs as
 ``io.safetensors`` beside it. Nothing is downloaded from any model hub.
 
-Written: SAELens standard / topk / jumprelu SAEs (b_dec subtracted from the input or not, decoder-norm
+Written: SAELens standard / topk / jumprelu / gated SAEs (b_dec subtracted from the input or not, decoder-norm
 rescaled TopK, a normalize_activations other than none, JumpReLU thresholds all distinct, one zero and
 one negative), three pre-6.0 cfg.json layouts that SAELens 6.x reads back itself, sparsify TopK
 SparseCoders (one where a row has fewer than k positive pre-activations, one sized by expansion_factor
@@ -223,6 +223,40 @@ def saelens_fixtures(out: Path, gen) -> dict:
             x_hat = loaded(x)
         made[name] = {"format": "saelens", "kind": expect, "architecture": arch["architecture"], "layout": "pre-6.0",
                       **save_io(directory, x, codes, x_hat)}
+    return made
+
+
+def saelens_gated_fixtures(out: Path) -> dict:
+    """SAELens 6.x Gated SAEs (b_dec subtracted from the input or not), saved with ``save_model``; their own
+    generator, so adding them left every earlier fixture's bytes as they were."""
+    import torch
+    from sae_lens import SAE
+    from sae_lens.saes.gated_sae import GatedSAE, GatedSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    gen = torch.Generator().manual_seed(4321)
+    made = {}
+    for name, apply_b_dec in (("saelens_gated", True), ("saelens_gated_nobdec", False)):
+        cfg = GatedSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=apply_b_dec,
+                             metadata=SAEMetadata(**METADATA))
+        sae = GatedSAE(cfg)
+        w = random_weights(gen)
+        w["b_gate"] = w.pop("b_enc")
+        w["b_mag"] = 0.3 * torch.randn(D_SAE, generator=gen)
+        w["r_mag"] = 0.5 * torch.randn(D_SAE, generator=gen)
+        with torch.no_grad():
+            for key, val in w.items():
+                getattr(sae, key).copy_(val)
+        directory = out / name
+        shutil.rmtree(directory, ignore_errors=True)
+        sae.save_model(directory)
+        loaded = SAE.load_from_disk(directory)
+        assert type(loaded).__name__ == "GatedSAE"
+        x = input_batch(gen, w["b_dec"])
+        with torch.no_grad():
+            codes, x_hat = loaded.encode(x), loaded(x)
+            assert torch.equal(x_hat, loaded.decode(codes))
+        made[name] = {"format": "saelens", "kind": "gated", "architecture": "gated", **save_io(directory, x, codes, x_hat)}
     return made
 
 
@@ -499,7 +533,7 @@ def dictionary_learning_fixtures(out: Path, gen) -> dict:
         (BatchTopKSAE, BatchTopKTrainer, topk_like(0.35), {"k": K}, "batchtopk", BatchTopKSAE.from_pretrained),
         (BatchTopKSAE, BatchTopKTrainer, topk_like(-1.0), {"k": K}, "relu", BatchTopKSAE.from_pretrained),
         (JumpReluAutoEncoder, JumpReluTrainer, jumprelu(), {}, "jumprelu", JumpReluAutoEncoder.from_pretrained),
-        (GatedAutoEncoder, GatedSAETrainer, gated(), {}, "jumprelu", GatedAutoEncoder.from_pretrained),
+        (GatedAutoEncoder, GatedSAETrainer, gated(), {}, "gated", GatedAutoEncoder.from_pretrained),
         (MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKTrainer, matryoshka(),
          {"k": K, "group_fractions": [0.25, 0.25, 0.5]}, "batchtopk", MatryoshkaBatchTopKSAE.from_pretrained),
     ]
@@ -544,6 +578,7 @@ def write_fixtures(out: Path) -> None:
     fixtures = {**saelens_fixtures(out, gen), **sparsify_fixtures(out, gen)}
     fixtures.update(gemmascope_fixtures(out, gen))
     fixtures.update(dictionary_learning_fixtures(out, gen))
+    fixtures.update(saelens_gated_fixtures(out))
     versions = {pkg: version(pkg) for pkg in ("sae-lens", "eai-sparsify", "dictionary-learning", "torch",
                                               "transformer-lens", "safetensors", "numpy", "huggingface-hub")}
     versions["python"] = sys.version.split()[0]

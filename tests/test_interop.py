@@ -18,7 +18,8 @@ from saekit.interop import detect_format, load_foreign, load_foreign_all
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 LOADABLE = sorted(n for n, m in MANIFEST.items() if m["kind"] != "refused")
-CLASS_OF_KIND = {"relu": "ReLUSAE", "topk": "TopKSAE", "batchtopk": "BatchTopKSAE", "jumprelu": "JumpReLUSAE"}
+CLASS_OF_KIND = {"relu": "ReLUSAE", "topk": "TopKSAE", "batchtopk": "BatchTopKSAE", "jumprelu": "JumpReLUSAE",
+                 "gated": "GatedSAE"}
 TOL = 1e-5
 
 
@@ -51,7 +52,8 @@ def test_fixtures_cover_what_they_should():
     versions = json.loads((FIXTURES / "versions.json").read_text())
     assert versions["sae-lens"].startswith("6.") and versions["eai-sparsify"]
     kinds = {(m["format"], m["kind"]) for m in MANIFEST.values()}
-    assert {("saelens", "relu"), ("saelens", "topk"), ("saelens", "jumprelu"), ("sparsify", "topk")} <= kinds
+    assert {("saelens", "relu"), ("saelens", "topk"), ("saelens", "jumprelu"), ("saelens", "gated"),
+            ("sparsify", "topk"), ("dictionary_learning", "gated")} <= kinds
     cfgs = [json.loads((FIXTURES / n / "cfg.json").read_text()) for n in MANIFEST if n.startswith("saelens")]
     assert {c["apply_b_dec_to_input"] for c in cfgs} == {True, False}
     assert any(c.get("normalize_activations") not in ("none", False, None) for c in cfgs)
@@ -190,10 +192,10 @@ def edit_cfg(d: Path, **changes) -> Path:
     return d
 
 
-@pytest.mark.parametrize("arch", ["gated", "abstopk", "jumprelu_transcoder", "matching_pursuit"])
+@pytest.mark.parametrize("arch", ["abstopk", "jumprelu_transcoder", "matching_pursuit", "temporal"])
 def test_saelens_unsupported_architecture(arch, tmp_path):
     d = edit_cfg(copy_fixture("saelens_standard", tmp_path), architecture=arch)
-    refused(d, "cfg.json", repr(arch), "supported: standard, topk, jumprelu")
+    refused(d, "cfg.json", repr(arch), "supported: standard, topk, jumprelu, gated")
 
 
 @pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale", "bogus"])

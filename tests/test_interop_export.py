@@ -17,15 +17,19 @@ from saekit.interop.export import export_saelens, export_sparsify
 D_IN, N, K, ROWS = 13, 40, 5, 64
 TOL = 1e-5
 META = {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_pre", "context_size": 128, "prepend_bos": False}
-SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
-REIMPORTED_KIND = {"relu": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+           "matryoshka": "jumprelu", "gated": "gated"}
+REIMPORTED_KIND = {"relu": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                   "matryoshka": "jumprelu", "gated": "gated"}
+FAMILIES = "relu, topk, jumprelu, batchtopk, matryoshka, gated"
 
 
 def make(kind: str, scale: float = 0.37, seed: int = 0, **fields):
     """A saekit SAE with random, non-trivial weights: uneven decoder norms, nonzero biases, input scale
-    ``scale``, distinct JumpReLU thresholds, a learned (positive) BatchTopK threshold."""
+    ``scale``, distinct JumpReLU thresholds, a learned (positive) BatchTopK threshold, Gated magnitude
+    parameters unlike the gate's."""
     gen = torch.Generator().manual_seed(seed)
-    if kind in ("topk", "batchtopk"):
+    if kind in ("topk", "batchtopk", "matryoshka"):
         fields.setdefault("k", K)
     model = build(AutoencoderConfig.for_kind(kind, n_latents=N, **fields), D_IN)
     W_dec = torch.randn(N, D_IN, generator=gen)
@@ -38,8 +42,11 @@ def make(kind: str, scale: float = 0.37, seed: int = 0, **fields):
         model.input_scale.fill_(scale)
         if kind == "jumprelu":
             model.log_threshold.copy_((0.05 + 0.8 * torch.rand(N, generator=gen)).log())
-        if kind == "batchtopk":
+        if kind in ("batchtopk", "matryoshka"):
             model.threshold.fill_(0.35)
+        if kind == "gated":
+            model.r_mag.copy_(0.5 * torch.randn(N, generator=gen))
+            model.b_mag.copy_(0.3 * torch.randn(N, generator=gen))
     return model.eval()
 
 
@@ -238,12 +245,12 @@ def test_density_file(tmp_path):
 def test_refuses_what_saelens_has_no_family_for(tmp_path):
     for kind in ("pca", "rbm", "linear"):
         model = build(AutoencoderConfig.for_kind(kind, n_latents=4), D_IN)
-        refused(lambda: export_saelens(model, tmp_path / kind), "SAELens", "relu, topk, jumprelu, batchtopk")
+        refused(lambda: export_saelens(model, tmp_path / kind), "SAELens", FAMILIES)
         refused(lambda: export_sparsify(model, tmp_path / kind), "sparsify", "families that export to sparsify: topk")
         assert not (tmp_path / kind).exists()  # nothing written
 
 
-@pytest.mark.parametrize("kind", ["relu", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("kind", ["relu", "jumprelu", "batchtopk", "gated"])
 def test_sparsify_exports_topk_only(kind, tmp_path):
     refused(lambda: export_sparsify(make(kind), tmp_path / "sae"), kind, "families that export to sparsify: topk")
     assert not (tmp_path / "sae").exists()
@@ -253,8 +260,25 @@ def test_refuses_an_unlearned_batchtopk_threshold(tmp_path):
     model = make("batchtopk")
     with torch.no_grad():
         model.threshold.fill_(-1.0)
-    refused(lambda: export_saelens(model, tmp_path / "sae"), "never learned", "relu, topk, jumprelu, batchtopk")
+    refused(lambda: export_saelens(model, tmp_path / "sae"), "never learned", FAMILIES)
     assert not (tmp_path / "sae").exists()
+
+
+def test_gated_keeps_saelens_names_and_both_paths(tmp_path):
+    """SAELens's GatedSAE reads b_gate/b_mag/r_mag (no b_enc); the input scale lives in the shared W_enc."""
+    model = make("gated", 0.37)
+    export_saelens(model, tmp_path / "sae")
+    weights = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
+    assert set(weights) == {"W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"}
+    assert torch.equal(weights["r_mag"], model.r_mag.detach()) and torch.equal(weights["b_mag"], model.b_mag.detach())
+    torch.testing.assert_close(weights["W_enc"], model.W_enc.detach() * 0.37)
+    x = batch(model)
+    codes = outputs(model, x)[0]
+    with torch.no_grad():  # the gate and the magnitude path each decide some zeros
+        proj = (x * 0.37 - model.b_dec) @ model.W_enc
+        gate_shut = (proj + model.b_enc <= 0) & (proj * model.r_mag.exp() + model.b_mag > 0)
+        mag_zero = (proj + model.b_enc > 0) & (proj * model.r_mag.exp() + model.b_mag <= 0)
+    assert gate_shut.any() and mag_zero.any() and (codes[gate_shut | mag_zero] == 0).all()
 
 
 def test_refuses_bad_metadata(tmp_path):

@@ -238,9 +238,11 @@ def test_dictionary_learning_topk_ignores_its_threshold_and_batchtopk_uses_it():
 
 
 def test_dictionary_learning_conversion_notes():
-    _, info = load_foreign(FIXTURES / trainer("GatedAutoEncoder"))
-    assert info["kind"] == "jumprelu" and any("Gated SAE as a JumpReLU" in n for n in info["notes"])
-    assert any("gate thresholds are <= 0" in n for n in info["notes"])
+    model, info = load_foreign(FIXTURES / trainer("GatedAutoEncoder"))
+    assert info["kind"] == "gated" and type(model).__name__ == "GatedSAE"
+    state = torch.load(FIXTURES / trainer("GatedAutoEncoder") / "ae.pt", weights_only=True)
+    assert torch.equal(model.r_mag, state["r_mag"]) and torch.equal(model.b_mag, state["mag_bias"])
+    assert torch.equal(model.b_enc, state["gate_bias"]) and torch.equal(model.W_enc, state["encoder.weight"].T)
     _, info = load_foreign(FIXTURES / trainer("JumpReluAutoEncoder"))
     assert any("2 JumpReLU thresholds are <= 0" in n for n in info["notes"])
     assert any("b_dec @ W_enc folded" in n for n in info["notes"])

@@ -147,10 +147,12 @@ def positive_threshold(threshold: Tensor, notes: list[str], what: str = "JumpReL
 
 
 def make_sae(kind: str, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, file: Path, *,
-             k: int | None = None, threshold: Tensor | None = None) -> Autoencoder:
-    """A saekit SAE of ``kind`` (relu, topk, batchtopk, jumprelu) holding the given weights, already in
-    saekit's convention (pre = (x - b_dec) @ W_enc + b_enc, x_hat = code @ W_dec + b_dec; input_scale 1).
-    jumprelu: ``threshold`` [n] (positive); batchtopk: ``k`` and the one inference ``threshold`` (>= 0)."""
+             k: int | None = None, threshold: Tensor | None = None,
+             magnitude: tuple[Tensor, Tensor] | None = None) -> Autoencoder:
+    """A saekit SAE of ``kind`` (relu, topk, batchtopk, jumprelu, gated) holding the given weights, already
+    in saekit's convention (pre = (x - b_dec) @ W_enc + b_enc, x_hat = code @ W_dec + b_dec; input_scale 1).
+    jumprelu: ``threshold`` [n] (positive); batchtopk: ``k`` and the one inference ``threshold`` (>= 0);
+    gated: W_enc/b_enc are the gate's, ``magnitude`` = (r_mag [n], b_mag [n]) the magnitude path's."""
     d_in, n = W_enc.shape
     fields: dict[str, Any] = {"n_latents": n}
     if kind in ("topk", "batchtopk"):
@@ -172,4 +174,7 @@ def make_sae(kind: str, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tens
             model.log_threshold.copy_(exact_log(threshold))
         elif kind == "batchtopk":
             model.threshold.copy_(threshold.float().reshape(()))
+        elif kind == "gated":
+            model.r_mag.copy_(magnitude[0].float())
+            model.b_mag.copy_(magnitude[1].float())
     return model.eval()

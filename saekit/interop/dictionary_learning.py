@@ -32,14 +32,13 @@ What each dictionary class computes (``x`` raw) and how it becomes saekit's
                                                                                           -> jumprelu, b_dec @ W_enc
                                                                                              folded into b_enc
     GatedAutoEncoder       h = (x - decoder_bias) @ encoder.weight.T
-                           code = 1[h + gate_bias > 0] * relu(exp(r_mag) * h + mag_bias) -> jumprelu
+                           code = 1[h + gate_bias > 0] * relu(exp(r_mag) * h + mag_bias) -> gated (W_enc =
+                                                                                  encoder.weight.T, b_enc =
+                                                                                  gate_bias, b_mag = mag_bias)
 
-The Gated fold: with ``pre = exp(r_mag) * h + mag_bias`` (W_enc's columns times exp(r_mag), b_enc =
-mag_bias) the gate ``h + gate_bias > 0`` is ``pre > mag_bias - exp(r_mag) * gate_bias``: a JumpReLU whose
-threshold is that number (where it is <= 0 the gate passes every positive ``pre``: plain ReLU there).
 Thresholds <= 0 are stored as the smallest positive float32 (common.positive_threshold). A BatchTopK
 whose threshold was never learned (< 0) makes the library's forward plain ReLU (``a * (a > -1)``): it is
-loaded as a saekit relu SAE, with a note. The Gated and folded-bias conversions compare the very numbers
+loaded as a saekit relu SAE, with a note. The folded-bias conversion compares the very numbers
 the library compares only up to float32 rounding: a pre-activation within ~1e-7 (relative) of its
 threshold may fall the other way.
 
@@ -70,7 +69,7 @@ from saekit.interop.common import (first_line, dtype_name, make_sae, positive_in
 CONFIG = "config.json"
 WEIGHTS = "ae.pt"
 KIND = {"AutoEncoder": "relu", "AutoEncoderNew": "relu", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
-        "MatryoshkaBatchTopKSAE": "batchtopk", "JumpReluAutoEncoder": "jumprelu", "GatedAutoEncoder": "jumprelu"}
+        "MatryoshkaBatchTopKSAE": "batchtopk", "JumpReluAutoEncoder": "jumprelu", "GatedAutoEncoder": "gated"}
 SUPPORTED = tuple(KIND)
 _SUBMODULE = re.compile(r"(resid_post|mlp_out|attn_out)_layer_(\d+)$")
 _HOOK = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
@@ -123,7 +122,7 @@ def load(directory: str | Path) -> tuple[Autoencoder, dict[str, Any]]:
     def get(name: str, shape: tuple[int, ...]) -> Tensor:
         return tensor(state, name, shape, weights_file, why)
 
-    k = threshold = None
+    k = threshold = magnitude = None
     extra: dict[str, Any] = {}
     kind = KIND[dict_class]
     if dict_class in ("AutoEncoder", "AutoEncoderNew"):
@@ -162,15 +161,10 @@ def load(directory: str | Path) -> tuple[Autoencoder, dict[str, Any]]:
         b_enc = b_enc + b_dec @ W_enc
         notes.append("b_dec is not subtracted from the input (apply_b_dec_to_input false): b_dec @ W_enc folded "
                      "into b_enc")
-    else:  # GatedAutoEncoder
-        W_gate, b_dec = get("encoder.weight", (n, d)).T, get("decoder_bias", (d,))
+    else:  # GatedAutoEncoder: saekit's gated, the same parameters under other names
+        W_enc, b_dec = get("encoder.weight", (n, d)).T, get("decoder_bias", (d,))
         W_dec = get("decoder.weight", (d, n)).T
-        r_mag, gate_bias, mag_bias = get("r_mag", (n,)), get("gate_bias", (n,)), get("mag_bias", (n,))
-        scale = r_mag.exp()
-        W_enc, b_enc = W_gate * scale, mag_bias
-        threshold = positive_threshold(mag_bias - scale * gate_bias, notes, "gate thresholds")
-        notes.append("Gated SAE as a JumpReLU: magnitude path as the encoder, the gate as the threshold "
-                     "mag_bias - exp(r_mag) * gate_bias")
+        b_enc, magnitude = get("gate_bias", (n,)), (get("r_mag", (n,)), get("mag_bias", (n,)))
     if kind == "topk" and threshold is not None:
         extra["inference_threshold"] = float(threshold)
         threshold = None
@@ -182,7 +176,8 @@ def load(directory: str | Path) -> tuple[Autoencoder, dict[str, Any]]:
             notes.append(f"BatchTopK threshold {t} was never learned: dictionary_learning's forward then returns "
                          "relu(pre) (a * (a > threshold)); loaded as a relu SAE")
             threshold = None
-    model = make_sae(kind, W_enc, b_enc, W_dec, b_dec, weights_file, k=k, threshold=threshold)
+    model = make_sae(kind, W_enc, b_enc, W_dec, b_dec, weights_file, k=k, threshold=threshold,
+                     magnitude=magnitude)
     dtype = dtype_name({name: t for name, t in state.items() if t.is_floating_point()})
     if dtype != "float32":
         notes.append(f"tensors stored as {dtype}; saekit computes in float32")

@@ -31,15 +31,19 @@ Families:
   with ``threshold = exp(log_threshold)`` (SAELens: ``relu(h) * (h > threshold)``, the same as saekit's
   ``h * (h > threshold)`` for a positive threshold); batchtopk -> ``jumprelu`` with the one learned
   threshold for every latent, which is how SAELens itself saves a BatchTopK SAE for inference (saekit:
-  ``relu(h) * (relu(h) > t)``, equal for t >= 0). A BatchTopK whose threshold was never learned
-  (threshold < 0: saekit then falls back to the batch top-k, which no per-token rule reproduces) is
-  refused.
+  ``relu(h) * (relu(h) > t)``, equal for t >= 0); matryoshka -> ``jumprelu`` the same way (its groups
+  shape training only: at inference every latent is active, as SAELens saves its own Matryoshka
+  BatchTopK); gated -> ``gated`` (``W_enc`` = the gate's, ``b_gate``, ``b_mag``, ``r_mag``: SAELens's
+  GatedSAE computes ``1[s @ W_enc + b_gate > 0] * relu(s @ (W_enc * exp(r_mag)) + b_mag)``, saekit's
+  very equations; the input scale folds into W_enc, which both paths share). A BatchTopK or Matryoshka
+  whose threshold was never learned (threshold < 0: saekit then falls back to the batch top-k, which no
+  per-token rule reproduces) is refused.
 * sparsify: topk only (its ``relu`` then top-k gives saekit's top-k then ReLU code).
 * Anything else (PCA, the classical autoencoders, RBMs, or a family the target lacks) is a
   ``UserError`` naming the families that export to that format.
 
 Files. SAELens: ``sae_weights.safetensors`` (``W_enc`` [d, n], ``b_enc``, ``W_dec`` [n, d], ``b_dec``,
-jumprelu ``threshold`` [n]) and ``cfg.json`` in the 6.x layout (``architecture``, ``d_in``, ``d_sae``,
+jumprelu ``threshold`` [n]; gated ``b_gate``, ``b_mag``, ``r_mag`` [n] instead of ``b_enc``) and ``cfg.json`` in the 6.x layout (``architecture``, ``d_in``, ``d_sae``,
 ``dtype: "float32"``, ``device: "cpu"``, ``apply_b_dec_to_input: true``, ``normalize_activations:
 "none"``, ``reshape_activations``, topk ``k``, and a ``metadata`` block with ``sae_lens_version`` (the
 6.x layout marker SAELens reads) and the caller's metadata); with ``density`` also
@@ -79,7 +83,8 @@ from saekit.files import write_json, write_tensors
 __all__ = ["export_saelens", "export_sparsify", "SAELENS_FAMILIES", "SPARSIFY_FAMILIES", "METADATA_TYPES"]
 
 # saekit kind -> SAELens architecture; sparsify exports TopK only.
-SAELENS_FAMILIES = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+SAELENS_FAMILIES = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                    "matryoshka": "jumprelu", "gated": "gated"}
 SPARSIFY_FAMILIES = ("topk",)
 SAELENS_CONFIG, SAELENS_WEIGHTS, SAELENS_SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 SPARSIFY_CONFIG, SPARSIFY_WEIGHTS, SPARSIFY_METADATA = "cfg.json", "sae.safetensors", "saekit_metadata.json"
@@ -97,7 +102,7 @@ METADATA_TYPES: dict[str, tuple[type, ...]] = {
 
 def export_saelens(model: Autoencoder | str | Path, out_dir: str | Path, metadata: dict | None = None,
                    density: Tensor | None = None) -> dict[str, Any]:
-    """Write ``model`` (a saekit relu, topk, jumprelu or batchtopk SAE, or a saved model's directory) to
+    """Write ``model`` (a saekit relu, topk, jumprelu, batchtopk, matryoshka or gated SAE, or a saved model's directory) to
     ``out_dir`` as a SAELens 6.x SAE. ``metadata``: see the module docstring; ``density`` [n]: each
     latent's firing fraction in [0, 1], written as ``sparsity.safetensors`` (else that file is not
     written, and a stale one there is removed). Returns what was written: format, path, architecture,
@@ -114,10 +119,14 @@ def export_saelens(model: Autoencoder | str | Path, out_dir: str | Path, metadat
         notes.append(f"input_scale {s:.9g} folded in: W_enc * s, W_dec / s, b_dec / s")
     if model.kind == "jumprelu":
         tensors["threshold"] = model.threshold.detach().float().cpu()
-    elif model.kind == "batchtopk":
+    elif model.kind in ("batchtopk", "matryoshka"):
         t = _batchtopk_threshold(model)
         tensors["threshold"] = torch.full((n,), t, dtype=torch.float32)
-        notes.append(f"BatchTopK exported as SAELens jumprelu with its learned threshold {t:.9g} for every latent")
+        what = "BatchTopK" if model.kind == "batchtopk" else "Matryoshka BatchTopK (every group active)"
+        notes.append(f"{what} exported as SAELens jumprelu with its learned threshold {t:.9g} for every latent")
+    elif model.kind == "gated":  # SAELens's GatedSAE has saekit's parameters; the gate's bias is b_gate
+        tensors = {"W_enc": W_enc, "b_gate": b_enc, "b_mag": _finite(model, "b_mag"),
+                   "r_mag": _finite(model, "r_mag"), "W_dec": W_dec, "b_dec": b_dec}
 
     hook = meta.get("hook_name")
     reshape = "hook_z" if isinstance(hook, str) and hook.endswith("hook_z") else "none"
@@ -234,6 +243,13 @@ def _batchtopk_threshold(model: Autoencoder) -> float:
         raise UserError(f"this BatchTopK SAE's inference threshold was never learned (threshold {t}; it falls "
                         "back to the batch top-k, which no per-token rule reproduces): train it, then export; "
                         f"families that export to SAELens: {', '.join(SAELENS_FAMILIES)}")
+    return t
+
+
+def _finite(model: Autoencoder, name: str) -> Tensor:
+    t = getattr(model, name).detach().float().cpu().contiguous()
+    if not torch.isfinite(t).all():
+        raise UserError(f"this model's {name} holds NaN or infinite values; it cannot be exported")
     return t
 
 

@@ -14,11 +14,14 @@ What SAELens computes (``x`` raw, ``s = x - b_dec`` if ``apply_b_dec_to_input`` 
     topk       h = s @ W_enc + b_enc; h *= ||W_dec_j|| if rescale_acts_by_decoder_norm
                code = relu(topk_k(h))
     jumprelu   h = s @ W_enc + b_enc; code = relu(h) * (h > threshold)
+    gated      code = 1[s @ W_enc + b_gate > 0] * relu(s @ (W_enc * exp(r_mag)) + b_mag)   (saekit's gated, the
+               same parameters: W_enc is the gate's, b_gate its bias)
     x_hat = (code / ||W_dec_j|| if rescaled else code) @ W_dec + b_dec
 
 and saekit always computes ``pre = (x - b_dec) @ W_enc + b_enc``. So, exactly (in float64, then stored
 as float32): the decoder-norm rescaling moves into the weights (W_enc and b_enc times the norms, W_dec
-rows divided by them), and without ``apply_b_dec_to_input`` b_enc becomes ``b_enc + b_dec @ W_enc``.
+rows divided by them), and without ``apply_b_dec_to_input`` b_enc becomes ``b_enc + b_dec @ W_enc``
+(gated: b_gate + b_dec @ W_enc, and b_mag + (b_dec @ W_enc) * exp(r_mag)).
 Before 6.0 a ``scaling_factor`` tensor (``finetuning_scaling_factor``) multiplied the code before the
 decoder; it moves into W_dec's rows. A JumpReLU threshold of zero or less acts as plain ReLU there; it is
 stored as the smallest positive float32, which differs only for pre-activations in (0, 1.2e-38].
@@ -45,8 +48,8 @@ from saekit.interop.common import (dtype_name, make_sae, positive_int, read_conf
 CONFIG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
 SPARSITY = "sparsity.safetensors"
-SUPPORTED = ("standard", "topk", "jumprelu")
-KIND = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+SUPPORTED = ("standard", "topk", "jumprelu", "gated")
+KIND = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 NORMALIZATIONS_AS_IS = ("none", "expected_average_only_in", "covariance_whitening")
 NORMALIZATIONS_PER_TOKEN = ("constant_norm_rescale", "layer_norm")
 # What SAELens keeps in the 6.x metadata block (and, before 6.0, at the top level).
@@ -151,7 +154,11 @@ def load(directory: str | Path) -> tuple[Autoencoder, dict[str, Any]]:
     tensors = read_tensors(weights_file)
     why = f"d_in={d_in}, d_sae={d_sae} in {CONFIG}"
     W_enc = tensor(tensors, "W_enc", (d_in, d_sae), weights_file, why)
-    b_enc = tensor(tensors, "b_enc", (d_sae,), weights_file, why)
+    b_enc = tensor(tensors, "b_gate" if arch == "gated" else "b_enc", (d_sae,), weights_file, why)
+    magnitude = None
+    if arch == "gated":
+        magnitude = (tensor(tensors, "r_mag", (d_sae,), weights_file, why),
+                     tensor(tensors, "b_mag", (d_sae,), weights_file, why))
     W_dec = tensor(tensors, "W_dec", (d_sae, d_in), weights_file, why)
     b_dec = tensor(tensors, "b_dec", (d_in,), weights_file, why)
     threshold = None
@@ -173,10 +180,14 @@ def load(directory: str | Path) -> tuple[Autoencoder, dict[str, Any]]:
         W_dec = W_dec / norms.clamp_min(1e-300)[:, None]
         notes.append("rescale_acts_by_decoder_norm folded into W_enc, b_enc and W_dec")
     if not apply_b_dec:
-        b_enc = b_enc + b_dec @ W_enc
-        notes.append("apply_b_dec_to_input is false: b_dec @ W_enc folded into b_enc")
+        shift = b_dec @ W_enc
+        b_enc = b_enc + shift
+        if magnitude is not None:
+            magnitude = (magnitude[0], magnitude[1] + shift * magnitude[0].exp())
+        notes.append("apply_b_dec_to_input is false: b_dec @ W_enc folded into b_enc"
+                     + (" (b_gate) and, times exp(r_mag), into b_mag" if magnitude is not None else ""))
 
-    model = make_sae(KIND[arch], W_enc, b_enc, W_dec, b_dec, cfg_file, k=k, threshold=threshold)
+    model = make_sae(KIND[arch], W_enc, b_enc, W_dec, b_dec, cfg_file, k=k, threshold=threshold, magnitude=magnitude)
     file_dtype = dtype_name(tensors)
     cfg_dtype = cfg.get("dtype")
     if file_dtype != "float32" or (cfg_dtype not in (None, "float32", "torch.float32")):
