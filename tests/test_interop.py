@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from saekit.autoencoders import Autoencoder
+from saekit.autoencoders import Autoencoder, AutoencoderConfig, build
 from saekit.errors import UserError
 from saekit.interop import detect_format, load_foreign, load_foreign_all
 
@@ -300,3 +300,27 @@ def test_interop_imports_only_building_blocks_and_never_unpickles():
                 if owner in ("np", "numpy"):
                     assert kw.get("allow_pickle") == "False", f"{path.name}: np.load without allow_pickle=False"
         assert torch_loads == (1 if path.name == "dictionary_learning.py" else 0), path.name
+
+
+@pytest.mark.parametrize("name", ["saelens_gated", "sparsify_topk", "gemmascope_npz", "dictionary_learning_run/trainer_5"])
+def test_autoencoder_load_reads_a_foreign_directory(name):
+    """Autoencoder.load on another library's directory is load_foreign's model (and gives its outputs)."""
+    model = Autoencoder.load(FIXTURES / name)
+    ref = io(name)
+    codes, x_hat = outputs(model, ref["x"])
+    assert (codes - ref["codes"]).abs().max() <= TOL and (x_hat - ref["x_hat"]).abs().max() <= TOL
+    assert model.kind == MANIFEST[name]["kind"]
+
+
+def test_autoencoder_load_says_what_is_missing_or_there_instead(tmp_path):
+    with pytest.raises(UserError, match="holds several SAEs .layers.0, layers.1.mlp.; pass one of them"):
+        Autoencoder.load(FIXTURES / "sparsify_multi")
+    with pytest.raises(UserError, match="no such directory"):
+        Autoencoder.load(tmp_path / "nothing")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="has config.json but no weights beside it"):
+        Autoencoder.load(tmp_path)
+    run = tmp_path / "run"
+    build(AutoencoderConfig.for_kind("topk", n_latents=8, k=2), 4).save(run / "model")
+    with pytest.raises(UserError, match="a run directory; its model is .*run/model"):
+        Autoencoder.load(run)

@@ -376,10 +376,9 @@ def test_hf_source_syntax_errors(source, words):
     refused(source, *words)
 
 
-def test_a_relative_path_that_reads_like_a_release_says_how_to_name_hub_folders(tmp_path, monkeypatch):
+def test_a_relative_path_that_reads_like_a_hub_folder_says_how_to_name_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    refused("gemma-scope-2b-pt-res-canonical/layer_3/width_16k/canonical", "no such directory", "hf://",
-            "SAELens release names are not resolved")
+    refused("someone/some-saes/layer_3", "no such directory", "hf://someone/some-saes/layer_3", "RELEASE/SAE_ID")
 
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -17,6 +17,11 @@ ALLOWED = {
 }
 
 
+# The one upward import, late (inside a function): Autoencoder.load hands a directory another library wrote
+# to saekit.interop.load_foreign, so that loading "an SAE" works whatever wrote it.
+EXCEPTIONS = {("autoencoders/base.py", "interop")}
+
+
 def saekit_imports(path: Path) -> set[str]:
     """The top-level saekit modules/packages that ``path`` imports (``saekit.data.store`` -> ``data``)."""
     names = set()
@@ -55,6 +60,7 @@ def test_dependencies_point_one_way():
             bad = imported & ({"cli"} if unit != "cli" else set())
             if unit != "cli":
                 bad |= imported & {"demo", "compare"} - {unit}
+        bad -= {name for file, name in EXCEPTIONS if path == PACKAGE / file}
         problems += [f"{path.relative_to(PACKAGE.parent)} imports saekit.{name}" for name in sorted(bad)]
     assert not problems, "\n".join(problems)
 

@@ -238,10 +238,19 @@ class Autoencoder(nn.Module):
 
     @staticmethod
     def load(directory: str | Path, device: str | torch.device = "cpu") -> "Autoencoder":
+        """A model saved by ``save``; or, for a directory another library wrote (SAELens, sparsify, Gemma
+        Scope, dictionary_learning), the saekit model that computes what that library computes
+        (``saekit.interop.load_foreign``, which also returns what the files say about it)."""
         directory = Path(directory)
-        if not (directory / "config.json").exists():
-            raise UserError(f"{directory}: no saved autoencoder here (config.json is missing); pass a model "
-                            "directory such as RUN_DIR/model")
+        if (directory / "model" / "model.safetensors").is_file() and not (directory / "model.safetensors").exists():
+            raise UserError(f"{directory}: a run directory; its model is {directory / 'model'}")
+        if not (directory / "model.safetensors").is_file():
+            # The one import of saekit.interop from here, late: interop builds on this package, and
+            # reading other libraries' files is its job (test_layering lists this exception).
+            from saekit.interop import detect_format, load_foreign
+
+            detect_format(directory)  # else a UserError that says what is missing or what is there instead
+            return load_foreign(directory, device)[0]
         meta = read_json(directory / "config.json")
         model_dict = meta["model"] if meta.get("format") else legacy_config(meta["kind"], meta["model"])
         cfg = from_dict(AutoencoderConfig, {"kind": meta["kind"], **model_dict}, where=f"{directory}: model.")

@@ -7,27 +7,29 @@
 
 A source is a local directory holding one SAE, or a folder of a Hugging Face model repo written
 ``hf://ORG/REPO/PATH[@REVISION]`` (hub.py: only the SAE files are fetched, into the ordinary Hugging
-Face cache, which also serves them offline; ``saekit import`` takes the same sources). SAELens release
-names (``RELEASE/SAE_ID``) are not resolved: their table ships only inside SAELens (see hub.py).
+Face cache, which also serves them offline; ``saekit import`` takes the same sources), or a SAELens
+release name ``RELEASE/SAE_ID`` (releases.py: SAELens's own table, shipped with saekit, gives the repo and
+folder; the release's norm scaling factor and config overrides are applied as SAELens applies them).
 
 The format is told by the files present:
 
 * SAELens (``cfg.json`` + ``sae_weights.safetensors``; 6.x and the pre-6.0 layout): ``standard``,
-  ``topk`` and ``jumprelu`` SAEs (saelens.py);
+  ``topk``, ``jumprelu`` and ``gated`` SAEs (saelens.py);
 * sparsify (``cfg.json`` + ``sae.safetensors``): TopK SparseCoders (sparsify.py); a trainer run holds
   one such directory per hookpoint, read all at once with ``load_foreign_all``;
 * Gemma Scope (``params.npz``) and Gemma Scope 2 (``params.safetensors`` with lowercase tensor names,
   and its ``config.json``): JumpReLU SAEs (gemmascope.py); model and hook are told from the repo and
   folder names, or from config.json's ``hf_hook_point_in``;
 * dictionary_learning (``config.json`` + ``ae.pt``): AutoEncoder (and AutoEncoderNew), AutoEncoderTopK,
-  BatchTopKSAE, MatryoshkaBatchTopKSAE, JumpReluAutoEncoder and GatedAutoEncoder (as a JumpReLU)
+  BatchTopKSAE, MatryoshkaBatchTopKSAE, JumpReluAutoEncoder and GatedAutoEncoder
   (dictionary_learning.py); a trainer run holds one ``trainer_<i>`` directory per dictionary;
 * saekit's own (``config.json`` + ``model.safetensors``), for convenience.
 
 Each source's conventions (whether b_dec is subtracted before the encoder, decoder-norm rescaling,
 per-latent scales, a gate folded into a threshold) are folded exactly into saekit's
 ``pre = (x - b_dec) @ W_enc + b_enc``; the result reproduces the library's own codes and
-reconstructions, saves with ``model.save`` and loads with ``Autoencoder.load`` like any saekit model.
+reconstructions, saves with ``model.save`` and loads with ``Autoencoder.load`` like any saekit model
+(``Autoencoder.load`` on such a directory calls ``load_foreign`` itself).
 Only JSON, safetensors and numpy ``.npz`` (``allow_pickle=False``) are read, never a pickle, with one
 exception: dictionary_learning's ``ae.pt`` is a torch pickle and is read ONLY with
 ``torch.load(path, weights_only=True)``, torch's restricted unpickler (tensors and plain containers;
@@ -44,7 +46,7 @@ from typing import Any
 
 from saekit.autoencoders import Autoencoder
 from saekit.errors import UserError
-from saekit.interop import dictionary_learning, gemmascope, hub, saelens, sparsify
+from saekit.interop import dictionary_learning, gemmascope, hub, releases, saelens, sparsify
 
 __all__ = ["load_foreign", "load_foreign_all", "detect_format", "FORMATS", "SAE_FILES"]
 
@@ -110,7 +112,16 @@ def load_foreign(path: str | Path, device: str = "cpu") -> tuple[Autoencoder, di
     ``architecture``, ``kind``, ``d_in``, ``d_sae``, ``k``, ``model_name``, ``hook_name``,
     ``context_size``, ``prepend_bos``, ``dataset_path``, the source's full metadata and ``notes`` (each
     conversion made, in words); a Hub source adds ``source``, ``repo_id``, ``path_in_repo``, ``revision``
-    and ``commit``."""
+    and ``commit``; a SAELens release name (``RELEASE/SAE_ID``, releases.py) adds ``release``, ``sae_id``,
+    ``neuronpedia_id``, ``conversion`` and the ``sae_lens_version`` of the table it was found in."""
+    if releases.is_release_source(path):
+        source, release = releases.resolve(path)
+        try:
+            model, info = load_foreign(source, device)
+        except UserError as err:  # name what the user wrote, then where it led
+            raise UserError(f"{path} (SAELens release) at {err}") from None
+        releases.apply(model, info, release)
+        return model, info
     origin = None
     if hub.is_hub_source(path):
         directory, origin = hub.download(path, SAE_FILES)
@@ -140,7 +151,7 @@ def load_foreign_all(path: str | Path, device: str = "cpu") -> dict[str, tuple[A
     """Every SAE of a directory: ``{name: (model, info)}``, one entry for a directory holding one SAE
     (named after it; so is an ``hf://`` source), else one for each subdirectory that holds one (a
     sparsify run: one per hookpoint; a dictionary_learning run: one per trainer), in name order."""
-    if hub.is_hub_source(path):
+    if hub.is_hub_source(path) or releases.is_release_source(path):
         model, info = load_foreign(path, device)
         return {Path(info["path"]).name: (model, info)}
     directory = Path(path)
@@ -166,8 +177,8 @@ def _hub_hint(directory: Path) -> str:
     text = str(directory)
     if directory.is_absolute() or text.startswith(".") or "/" not in text:
         return ""
-    return (f" (for a folder of a Hugging Face repo write hf://{text}; SAELens release names are not resolved: "
-            "write the release's repo_id and path as hf://REPO_ID/PATH)")
+    return (f" (for a folder of a Hugging Face repo write hf://{text}; for a SAELens release, RELEASE/SAE_ID "
+            f"with a release of sae-lens {releases.table()['sae_lens_version']}'s table)")
 
 
 def _formats_text() -> str:

@@ -14,9 +14,7 @@ snapshot of the revision is there. A repo that does not exist or cannot be reach
 a revision that does not exist, a folder with no SAE files: ``UserError`` naming the source.
 
 SAELens's release names (``RELEASE/SAE_ID``, e.g. ``gemma-scope-2b-pt-res-canonical/layer_20/...``) are
-not resolved here: their table lives in the SAELens package, which cannot be installed beside saekit
-(it pins TransformerLens < 4); look up the release's ``repo_id`` and ``path`` there and write them as
-``hf://``.
+resolved to such a source by releases.py.
 """
 from __future__ import annotations
 
