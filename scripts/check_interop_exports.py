@@ -1,7 +1,7 @@
 """Check saekit.interop.export against the real SAELens and sparsify: each export, loaded by the library
 itself, must give saekit's codes and reconstructions.
 
-    python scripts/check_interop_exports.py            # needs /tmp/peers-venv (scripts/make_interop_fixtures.py)
+    python scripts/check_interop_exports.py            # needs the peers venv (make_interop_fixtures.py --setup-only)
     python scripts/check_interop_exports.py --out DIR  # keep the exports in DIR (default: a temp dir, removed)
 
 In saekit's environment it builds small SAEs of every exportable family with random, non-trivial weights
@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VENV_PYTHON = Path("/tmp/peers-venv/bin/python")
+VENV_PYTHON = Path(os.environ.get("SAEKIT_PEERS_VENV", "/tmp/peers-venv")) / "bin" / "python"
 TOL = 1e-5
 D_IN, N_LATENTS, K, ROWS = 13, 40, 5, 64
 METADATA = {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_pre", "context_size": 128,

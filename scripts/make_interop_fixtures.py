@@ -57,7 +57,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VENV = Path("/tmp/peers-venv")
+VENV = Path(os.environ.get("SAEKIT_PEERS_VENV", "/tmp/peers-venv"))  # the throwaway venv
 TORCH = "torch==2.13.0"
 SAE_LENS = "sae-lens==6.54.12"
 SPARSIFY = "eai-sparsify==1.3.3"
