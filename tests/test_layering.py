@@ -14,6 +14,7 @@ ALLOWED = {
     "metrics": set(), "files": {"errors"}, "errors": set(), "schema": {"errors"},
     "config": {"autoencoders", "schema", "errors"},
     "interop": {"autoencoders", "schema", "errors", "files", "config", "data"},
+    "intervene": {"lm", "autoencoders", "errors", "schema", "files", "metrics", "config"},
 }
 
 
