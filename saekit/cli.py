@@ -95,7 +95,7 @@ def cmd_demo(path, extra):
 COMMANDS = {
     "harvest": (cmd_harvest, "CONFIG", "capture activations into an on-disk store"),
     "train": (cmd_train, "CONFIG", "train an autoencoder on a store"),
-    "evaluate": (cmd_evaluate, "RUN_DIR", "metrics for a trained run (written beside the model)"),
+    "evaluate": (cmd_evaluate, "RUN_DIR", "metrics for a trained run, written beside the model (--suite core,absorption,probing,interp)"),
     "analyze": (cmd_analyze, "RUN_DIR", "top-activating contexts and an HTML dashboard"),
     "compare": (cmd_compare, "CONFIG", "train and evaluate several families on one store"),
     "import": (cmd_import, "SOURCE RUN_DIR", "a SAELens, sparsify, Gemma Scope or dictionary_learning SAE (a directory or hf://ORG/REPO/PATH) as a run directory (--store, --hook)"),

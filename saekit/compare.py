@@ -18,7 +18,8 @@ The config (every section checked key by key, like every saekit config):
         total_tokens: 200000          # any other TrainConfig key overrides `train:` for this entry
 
 Outputs in ``out``: ``compare.md`` (returned), ``compare.csv``, ``compare.json`` (every metric),
-``pareto_fvu_l0.png`` and ``pareto_downstream_l0.png``. Transcoders (entries with ``data.target_hook``)
+``pareto_fvu_l0.png`` and ``pareto_downstream_l0.png``; with ``eval.suite`` naming absorption, probing or
+interp, their columns and ``pareto_absorption_l0.png``, ``pareto_probing_l0.png``, ``pareto_interp_l0.png``. Transcoders (entries with ``data.target_hook``)
 get their own table and ``pareto_transcoder_fvu_l0.png``: their FVU is of the hook they predict (an
 MLP's output), not of the one the other rows reconstruct. Finished runs and evaluations are reused, so a
 rerun after adding a model trains and evaluates only the new one.
@@ -43,6 +44,10 @@ from saekit.schema import apply_overrides, from_dict, to_dict
 REPORT_MD, REPORT_CSV, REPORT_JSON = "compare.md", "compare.csv", "compare.json"
 PLOT_FVU, PLOT_DOWNSTREAM = "pareto_fvu_l0.png", "pareto_downstream_l0.png"
 PLOT_TRANSCODER = "pareto_transcoder_fvu_l0.png"
+# The suite's columns (evaluate --suite absorption,probing,interp): key, plot, y label, higher is better.
+SUITE_PLOTS = [("absorption", "pareto_absorption_l0.png", "mean absorption fraction (first letter)", False),
+               ("probe_k1", "pareto_probing_l0.png", "k=1 sparse-probe accuracy (mean over tasks)", True),
+               ("detection", "pareto_interp_l0.png", "detection score (token-set explanations)", True)]
 _SHORT = {"l1_coefficient": "l1", "l0_coefficient": "l0", "n_latents": "n", "noise_level": "noise",
           "contractive_coefficient": "c", "total_tokens": "tok", "initial_threshold": "theta"}
 _AXIS = {"ce_loss_recovered": "CE loss recovered (vs zero-ablation)",
@@ -168,6 +173,9 @@ def run_compare(cfg: CompareConfig) -> Path:
     if transcoders:
         target = transcoders[0]["target_hook"]
         plot_pareto(transcoders, "fvu", f"FVU of {target} (held out)", out / PLOT_TRANSCODER)
+    for key, plot, label, higher in SUITE_PLOTS:
+        if any(r.get(key) is not None for r in saes):
+            plot_pareto(saes, key, label, out / plot, higher_is_better=higher)
     if any(r.get("downstream") is not None for r in rows):  # every splice is of the same kind of number
         name = next(r["downstream_name"] for r in rows if r.get("downstream_name"))
         plot_pareto(rows, "downstream", _AXIS.get(name, name), out / PLOT_DOWNSTREAM, higher_is_better=True)
@@ -194,6 +202,8 @@ COLUMNS = [  # (csv key, markdown header)
     ("embedding_recovered", "emb. recovered"), ("dead_pct", "dead %"),
     ("train_tokens_per_s", "train tok/s"), ("probe_accuracy", "probe acc"),
     ("rbm_mean_error", "RBM mean err"), ("rbm_cov_error", "RBM cov err"),
+    ("absorption", "absorption"), ("split_features", "split feats"), ("probe_k1", "k=1 probe"),
+    ("probe_k5", "k=5 probe"), ("detection", "detection"),
 ]
 
 
@@ -216,6 +226,13 @@ def table_row(name: str, result: dict) -> dict:
            "rbm_cov_error_start": sampling.get("cov_error_start"), "rbm_gibbs_steps": sampling.get("gibbs_steps"),
            "embedding_recovered": None, "run": result.get("run"),
            "hook": result.get("hook"), "target_hook": result.get("target_hook")}
+    absorption, probing, interp = (result.get(k) or {} for k in ("absorption", "probing", "interp"))
+    row.update(absorption=absorption.get("mean_absorption_fraction"),
+               split_features=absorption.get("mean_num_split_features"),
+               absorption_letters=absorption.get("letters_evaluated"),
+               probe_k1=probing.get("sae_top_1_test_accuracy"), probe_k5=probing.get("sae_top_5_test_accuracy"),
+               probe_k1_raw=probing.get("llm_top_1_test_accuracy"), probe_k1_pca=probing.get("pca_top_1_test_accuracy"),
+               detection=interp.get("autointerp_score"))
     if down:
         row["downstream_name"], row["downstream"] = headline(down)
         row["loss_increase"] = down.get("loss_increase")
@@ -227,7 +244,8 @@ def table_row(name: str, result: dict) -> dict:
 def write_csv(rows: list[dict], path: Path) -> Path:
     keys = [k for k, _ in COLUMNS] + ["downstream_name", "probe_accuracy_raw", "probe_chance",
                                       "rbm_mean_error_start", "rbm_cov_error_start", "rbm_gibbs_steps",
-                                      "dead_window_tokens", "hook", "target_hook", "run"]
+                                      "dead_window_tokens", "hook", "target_hook", "run", "absorption_letters",
+                                      "probe_k1_raw", "probe_k1_pca"]
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
@@ -276,6 +294,17 @@ def write_markdown(rows: list[dict], path: Path, store=None) -> Path:
         chance = next(r["probe_chance"] for r in rows if r.get("probe_chance") is not None)
         notes.append(f"probe acc: held-out accuracy of a linear probe for \"token continues a word\" on the "
                      f"codes; on the raw activations it is {raw:.4f} (majority class {chance:.4f}).")
+    if any(r.get("absorption") is not None for r in rows):
+        notes.append("absorption: mean first-letter absorption fraction over the letters whose probe passes "
+                     "the F1 threshold (SAEBench's definition; README), with the mean number of split latents.")
+    k1 = next((r for r in rows if r.get("probe_k1") is not None), None)
+    if k1 is not None:
+        notes.append("k=1 / k=5 probe: held-out accuracy of a logistic probe on the top 1 / 5 latents by mean "
+                     f"difference, averaged over the token- and sequence-level tasks; on the top raw dimension it is "
+                     f"{k1['probe_k1_raw']:.4f}, on the first principal component {k1['probe_k1_pca']:.4f}.")
+    if any(r.get("detection") is not None for r in rows):
+        notes.append("detection: balanced accuracy of \"an explanation n-gram occurs\" for \"the latent fires\" "
+                     "on held-out contexts (0.5 = chance), mean over the sampled latents.")
     for r in rows:
         if r.get("rbm_mean_error") is not None:
             notes.append(f"{r['method']}: moment errors of Gibbs samples after {r['rbm_gibbs_steps']} steps "
@@ -295,6 +324,9 @@ def write_markdown(rows: list[dict], path: Path, store=None) -> Path:
         lines += _table(transcoders) + [f"![transcoder FVU against L0]({PLOT_TRANSCODER})", ""]
     if down_name:
         lines += [f"![downstream against L0]({PLOT_DOWNSTREAM})", ""]
+    for key, plot, label, _ in SUITE_PLOTS:
+        if any(r.get(key) is not None for r in saes):
+            lines += [f"![{label} against L0]({plot})", ""]
     atomic_write(path, "\n".join(lines))
     return Path(path)
 

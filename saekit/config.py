@@ -151,6 +151,27 @@ class TrainConfig(Section):
                              "data.target_hook blocks.3.hook_mlp_out")
 
 
+SUITES = ("core", "absorption", "probing", "interp")  # what `saekit evaluate --suite` accepts
+# Prompts for the first-letter task ({word}: one token of the LM's vocabulary); an encoder reads the
+# word's own position, so no in-context examples are needed.
+ABSORPTION_TEMPLATES = ("{word}", "the word {word} means", "{word} has the first letter:")
+
+
+def _suite_problem(names: list[str]) -> str | None:
+    from saekit.schema import nearest
+
+    for name in names:
+        if name not in SUITES:
+            return (f"names an unknown evaluation {name!r}; did you mean '{nearest(name, SUITES)}'? "
+                    f"(valid: {','.join(SUITES)}, e.g. --suite core,absorption)")
+    return None if names else f"is empty; name at least one of {','.join(SUITES)}"
+
+
+def _template_problem(templates: list[str]) -> str | None:
+    bad = [t for t in templates if t.count("{word}") != 1]
+    return f"template {bad[0]!r} must hold {{word}} exactly once" if bad else (None if templates else "is empty")
+
+
 @dataclass
 class EvalConfig(Section):
     """`saekit evaluate RUN_DIR`: reconstruction metrics on the store's held-out rows, downstream
@@ -173,6 +194,24 @@ class EvalConfig(Section):
     gibbs_steps: int = value(200, ge=1)
     device: str = device_field()
     out: str | None = None  # default: RUN_DIR/eval.json
+    # The suite beyond reconstruction (saekit/evaluation/suite.py; README "Evaluations beyond
+    # reconstruction"): each named evaluation is written into eval.json and as RUN_DIR/eval_<type>.json
+    # in SAEBench's schema. core = reconstruction + downstream (the sections above).
+    suite: list[str] = value(factory=lambda: ["core"], check=_suite_problem)
+    absorption_words: int = value(3000, ge=50)  # single-token words sampled from the LM's vocabulary
+    absorption_templates: list[str] = value(factory=lambda: list(ABSORPTION_TEMPLATES), check=_template_problem)
+    absorption_max_k: int = value(10, ge=1)  # the most latents a letter may split into
+    absorption_min_probe_f1: float = value(0.6, ge=0, le=1)  # letters whose probe does worse are left out (SAEBench: 0.6)
+    probing_examples: int = value(2000, ge=20)  # per task, half positive (fewer when the text has fewer)
+    probing_k: list[int] = value(factory=lambda: [1, 2, 5, 20], ge=1)
+    interp_latents: int = value(100, ge=1)  # latents sampled (among those firing in both halves)
+    interp_context_tokens: int = value(4, ge=0)  # tokens each side of a scored position
+    interp_explainer: Literal["tokens", "openai"] = "tokens"  # token-set (offline) or a chat endpoint
+    interp_base_url: str = "http://127.0.0.1:8000/v1"  # an OpenAI-compatible API (…/chat/completions)
+    interp_model: str = "gpt-4o-mini"
+    interp_api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key
+    seed: int = 0
+    progress: bool = True
 
     RENAMED = {"batch_size": "batch_tokens", "downstream_batch_size": "downstream_batch_sequences",
                "samples": "rbm_samples"}

@@ -36,3 +36,17 @@ def test_prefix_metrics_against_a_dense_reference(tmp_path):
     assert len({round(r["fvu"], 6) for r in got}) == 3 and 0 < got[0]["l0"] < got[2]["l0"]  # prefixes differ
     with pytest.raises(ValueError, match="prefix ends"):
         prefix_metrics(model, reader, HOOK, rows, [0])
+
+
+def test_evaluate_reports_a_matryoshkas_group_prefixes(tmp_path):
+    from saekit.config import EvalConfig
+    from saekit.evaluation.evaluate import evaluate_model
+
+    reader = StoreReader(synthetic_store(tmp_path / "store", d=13))
+    model = build(AutoencoderConfig.for_kind("matryoshka", n_latents=40, k=6, group_fractions=[0.25, 0.75]), 13)
+    with torch.no_grad():
+        model.threshold.fill_(0.1)
+    result = evaluate_model(model.eval(), reader, HOOK, EvalConfig(downstream=False, probe=False, suite=["core"]), 200)
+    prefixes = result["reconstruction"]["prefixes"]
+    assert [p["latents"] for p in prefixes] == [10, 40]
+    assert prefixes[-1]["fvu"] == pytest.approx(result["reconstruction"]["fvu"], rel=1e-6)

@@ -5,6 +5,8 @@ What is evaluated where:
 * Transcoders (trained with ``data.target_hook``) are measured against the target: FVU etc. of their
   prediction of the target hook's rows from the input hook's, and downstream by splicing that prediction
   in place of the target (downstream.py), so every number means what it means for an SAE at the target.
+* Matryoshka SAEs add ``reconstruction.prefixes``: FVU, cosine and L0 of each group's prefix of the
+  dictionary alone (prefixes.py).
 * Reconstruction and sparsity (FVU, MSE, cosine, L0, dead/dense fractions, the feature-density
   histogram; definitions in metrics.py) on the LAST ``heldout_tokens`` rows of the store: exactly the rows
   the trainer kept out of training when the run set ``data.heldout_tokens`` (the default here is that
@@ -22,12 +24,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from saekit.config import EvalConfig, resolve_device
+from saekit.evaluation.prefixes import prefix_metrics
+from saekit.evaluation.suite import run_extra, write_saebench
 from saekit.errors import UserError
 from saekit.files import plain, read_json, save_figure, write_json
 from saekit.metrics import FiringStats, Metrics
@@ -163,10 +168,15 @@ def evaluate_model(model, reader, hook: str, cfg: EvalConfig, heldout_tokens: in
             warnings.warn(f"{overlap} of the {heldout_tokens} evaluation rows were not held out of training "
                           f"(the run held out {training_heldout}); reconstruction metrics are optimistic",
                           stacklevel=2)
-    recon, metrics = reconstruction_metrics(model, reader, hook, rows, cfg.batch_tokens, device,
-                                            cfg.dead_window_tokens, target_hook)
-    result["reconstruction"] = recon
-    if cfg.downstream and cfg.downstream_sequences > 0:
+    core, timings = "core" in cfg.suite, {}
+    start = time.perf_counter()
+    if core:
+        recon, metrics = reconstruction_metrics(model, reader, hook, rows, cfg.batch_tokens, device,
+                                                cfg.dead_window_tokens, target_hook)
+        result["reconstruction"] = recon
+        if model.kind == "matryoshka":  # each group's prefix alone, as its loss trains it (prefixes.py)
+            recon["prefixes"] = prefix_metrics(model, reader, hook, rows, model.group_ends, cfg.batch_tokens, device)
+    if core and cfg.downstream and cfg.downstream_sequences > 0:
         tokens, held_out = heldout_sequences(reader, rows[0], cfg.downstream_sequences)
         if lm is None:
             from saekit.lm import load_manifest_lm
@@ -180,17 +190,22 @@ def evaluate_model(model, reader, hook: str, cfg: EvalConfig, heldout_tokens: in
                                   source_hook=source)
         down["windows_held_out"] = held_out
         result["downstream"] = down
-    if cfg.probe:
+    if core and cfg.probe:
         from saekit.evaluation.probe import probe_run
 
         result["probe"] = probe_run(model, reader, hook, rows, cfg.probe_tokens, device=device,
                                     tokenizer=lm.tokenizer if lm is not None else None)
-    if model.generative and cfg.rbm_samples > 0:
+    if core and model.generative and cfg.rbm_samples > 0:
         from saekit.evaluation.sampling import rbm_moment_check
 
         data = reader.activations(hook, (rows[0], min(rows[1], rows[0] + max(cfg.rbm_samples, 10_000))),
                                   dtype=torch.float32).to(device)
         result["sampling"] = rbm_moment_check(model, data, cfg.rbm_samples, cfg.gibbs_steps)
+    if core:
+        timings["core"] = time.perf_counter() - start
+    extra, extra_timings, _ = run_extra(model, reader, hook, rows, cfg, lm=lm, target_hook=target_hook)
+    result.update(extra)
+    result["timings_s"] = {**timings, **extra_timings}
     return result
 
 
@@ -222,9 +237,17 @@ def evaluate_run(cfg: EvalConfig, lm=None) -> dict:
     if train_metrics:
         result["training"] = {k: train_metrics.get(k) for k in ("tokens", "tokens_per_s", "elapsed_s")}
     out = Path(cfg.out) if cfg.out else run_dir / EVAL_FILE
+    if "core" not in cfg.suite and out.exists():
+        # A suite without core adds its sections to the evaluation already there.
+        old = read_json(out)
+        if (old.get("kind"), old.get("n_latents")) == (result["kind"], result["n_latents"]):
+            result = {**old, **result, "timings_s": {**old.get("timings_s", {}), **result["timings_s"]},
+                      "eval_config": result["eval_config"]}
     write_json(out, result)
-    plot_density(result["reconstruction"]["density_histogram"], out.with_name(DENSITY_PLOT),
-                 title=f"{model.kind}, {model.n_latents} latents")
+    write_saebench(result, cfg, reader.manifest, model, hook, out.parent)
+    if "reconstruction" in result:
+        plot_density(result["reconstruction"]["density_histogram"], out.with_name(DENSITY_PLOT),
+                     title=f"{model.kind}, {model.n_latents} latents")
     return json.loads(json.dumps(plain(result)))
 
 
