@@ -53,5 +53,9 @@ def test_walkthrough_notebook_runs_end_to_end(minilm_run):
         os.environ.pop("SAEKIT_RUN")
     html_outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                     if "text/html" in o.get("data", {})]
-    assert len(html_outputs) == 2 and all("Feature" in o["data"]["text/html"] for o in html_outputs)
+    cards = [o for o in html_outputs if 'class="card"' in o["data"]["text/html"]]
+    assert len(cards) == 2 and all("Feature" in o["data"]["text/html"] for o in cards)
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "embedding cosine to the clean one: ablated" in printed and "attribution " in printed  # intervene
+    assert len(html_outputs) == 3  # and the tokens coloured by one feature
     assert (Path(minilm_run) / "dashboard" / "notebook.html").exists()
