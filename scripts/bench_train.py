@@ -4,13 +4,19 @@ A step is forward, backward, decoder-gradient projection, Adam, decoder renormal
 data, with AuxK active (10% of latents marked dead). Steps of the two implementations are interleaved
 and each is summarized by its median, so load from other processes hits both alike. The ceiling is
 one dense encoder product per token (2·d·n FLOP) at the matmul rate measured here, in this run.
-Each ``--kinds`` family is reported with its tokens/s as a fraction of saekit topk's in the same run;
-transcoders (which predict a target activation) get a random target batch of the input's shape.
+Each ``--kinds`` family is reported with its tokens/s as a fraction of saekit topk's in the same run,
+and its L0 (mean active latents per token over the timed steps) beside it: families without a k
+(relu, jumprelu) are calibrated to L0 ~ k first, so the comparison is at a matched L0 (ReLU: each
+latent's bias lowered to its (1 - k/n) quantile on the batch; JumpReLU: thresholds set there).
+Transcoders (which predict a target activation) get a random target batch of the input's shape.
+``--batches 512,4096`` times every implementation at each batch size, all steps interleaved in one
+process (smaller batches take proportionally more steps per round), and prints the per-token throughput
+of saekit topk at each size as a fraction of the largest's.
 
     python scripts/bench_train.py [--device cpu|cuda] [--d 384 --n 6144 --k 32 --batch 4096 --steps 5]
-                                  [--dtype fp32|bf16] [--kinds matryoshka,gated,transcoder] [--chunk 0]
-                                  [--triton] [--compile] [--no-naive] [--topk auto|torch|two_stage]
-                                  [--compare-topk]
+                                  [--batches 512,4096] [--dtype fp32|bf16] [--kinds relu,batchtopk,jumprelu]
+                                  [--chunk 0] [--triton] [--compile] [--no-naive] [--dense-kinds]
+                                  [--topk auto|torch|two_stage] [--compare-topk]
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from dataclasses import replace
 import torch
 
 from saekit.autoencoders import REGISTRY, AutoencoderConfig, KernelOptions, build
-from saekit.autoencoders.kernels import resolve_topk_method
+from saekit.autoencoders.kernels import keep_freed_memory, resolve_topk_method
 
 
 # Issue 6's H100 goals (tokens/s) for the two named shapes (d, n, k, batch): 6x and 5x SAELens.
@@ -47,13 +53,31 @@ def matmul_rate(B: int, d: int, n: int, device, dtype) -> float:
     return 2 * B * d * n / best
 
 
+@torch.no_grad()
+def calibrate_l0(model, x, k: int) -> None:
+    """Give a family without a k (relu, jumprelu) an L0 of ~k on ``x``: each latent fires on its top
+    k/n fraction of the batch (ReLU: bias lowered to that quantile; JumpReLU: threshold there)."""
+    if not hasattr(model, "pre_acts") or "k" in model.cfg.__dataclass_fields__:
+        return
+    pre = model.pre_acts(model.scale_in(x))
+    B, n = pre.shape
+    q = pre.kthvalue(max(1, B - round(B * k / n)), dim=0).values
+    if hasattr(model, "log_threshold"):
+        model.log_threshold.copy_(q.clamp_min(1e-3).log())
+    else:
+        model.b_enc.sub_(q)
+
+
 class Stepper:
     """One model + optimizer; ``step()`` runs a full training step and returns its seconds."""
 
     def __init__(self, cfg: AutoencoderConfig, d: int, x, dead, autocast_dtype, seed: int = 0,
-                 compile: bool = False, kernels: KernelOptions = KernelOptions()):
+                 compile: bool = False, kernels: KernelOptions = KernelOptions(), k: int = 0):
         torch.manual_seed(seed)
         self.model = build(cfg, d).to(x.device)
+        if k:
+            calibrate_l0(self.model, x, k)
+        self.l0: list[float] = []
         # Transcoders predict a target: random rows of the input's shape (throughput only).
         self.target = torch.randn_like(x) if self.model.predicts_target else None
         self.model.use_kernels(kernels)
@@ -76,7 +100,9 @@ class Stepper:
         self.model.after_optimizer_step()
         self.opt.zero_grad(set_to_none=True)
         sync(device)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.l0.append(out.nonzero_per_token().float().mean().item())  # untimed
+        return seconds
 
 
 def main() -> None:
@@ -99,74 +125,107 @@ def main() -> None:
     ap.add_argument("--topk", default="auto", help="saekit topk's selection: auto, torch, two_stage")
     ap.add_argument("--compare-topk", action="store_true",
                     help="also time saekit topk with the other selection method")
+    ap.add_argument("--batches", default="", help="comma-separated batch sizes timed in one run, e.g. 512,4096")
+    ap.add_argument("--dense-kinds", action="store_true",
+                    help="also time each --kinds family's dense reference step (kernels.fast_path: false)")
+    ap.add_argument("--page-faults", action="store_true",
+                    help="leave glibc's default (trim freed memory; what the trainer avoids on CPU)")
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu" and not args.page_faults:
+        keep_freed_memory()  # as the trainer does on CPU
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    batches = sorted({int(b) for b in args.batches.split(",") if b}) or [args.batch]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, args.d, generator=gen).to(device)
+    x_all = torch.randn(max(batches), args.d, generator=gen).to(device)
     dead = torch.zeros(args.n, dtype=torch.bool)
     dead[torch.randperm(args.n, generator=gen)[: int(args.dead * args.n)]] = True
     dead = dead.to(device)
 
     topk = AutoencoderConfig.for_kind("topk", n_latents=args.n, k=args.k)
     fast = KernelOptions(chunk_tokens=args.chunk, topk_method=resolve_topk_method(args.topk, device))
-    common = (args.d, x, dead, autocast_dtype)
-    steppers = {}
-    if not args.no_naive:
-        steppers["naive topk"] = Stepper(topk, *common, kernels=KernelOptions(fast_path=False))
-    steppers["saekit topk"] = Stepper(topk, *common, kernels=fast)
-    if args.compare_topk:
-        other = "torch" if fast.topk_method == "two_stage" else "two_stage"
-        steppers[f"saekit topk {other}"] = Stepper(topk, *common, kernels=replace(fast, topk_method=other))
-    if args.triton:
-        steppers["saekit topk triton"] = Stepper(topk, *common, kernels=replace(fast, backend="triton"))
-    if args.compile:
-        steppers["saekit topk compile"] = Stepper(topk, *common, compile=True, kernels=fast)
-    for kind in filter(None, args.kinds.split(",")):
-        if kind not in REGISTRY:
-            ap.error(f"--kinds: unknown kind {kind!r} (valid: {', '.join(sorted(REGISTRY))})")
-        if kind == "topk":
-            continue  # always timed, as "saekit topk"
-        has_k = "k" in REGISTRY[kind].config.__dataclass_fields__
-        cfg = AutoencoderConfig.for_kind(kind, n_latents=args.n, **({"k": args.k} if has_k else {}))
-        steppers[f"saekit {kind}"] = Stepper(cfg, *common)
+    steppers = {}  # (batch, name) -> Stepper
+    for b in batches:
+        common = (args.d, x_all[:b], dead, autocast_dtype)
+        if not args.no_naive:
+            steppers[b, "naive topk"] = Stepper(topk, *common, kernels=KernelOptions(fast_path=False))
+        steppers[b, "saekit topk"] = Stepper(topk, *common, kernels=fast)
+        if args.compare_topk:
+            other = "torch" if fast.topk_method == "two_stage" else "two_stage"
+            steppers[b, f"saekit topk {other}"] = Stepper(topk, *common, kernels=replace(fast, topk_method=other))
+        if args.triton:
+            steppers[b, "saekit topk triton"] = Stepper(topk, *common, kernels=replace(fast, backend="triton"))
+        if args.compile:
+            steppers[b, "saekit topk compile"] = Stepper(topk, *common, compile=True, kernels=fast)
+        for kind in filter(None, args.kinds.split(",")):
+            if kind not in REGISTRY:
+                ap.error(f"--kinds: unknown kind {kind!r} (valid: {', '.join(sorted(REGISTRY))})")
+            if kind == "topk":
+                continue  # always timed, as "saekit topk"
+            has_k = "k" in REGISTRY[kind].config.__dataclass_fields__
+            cfg = AutoencoderConfig.for_kind(kind, n_latents=args.n, **({"k": args.k} if has_k else {}))
+            steppers[b, f"saekit {kind}"] = Stepper(cfg, *common, kernels=fast, k=args.k)
+            if args.dense_kinds:
+                steppers[b, f"dense {kind}"] = Stepper(cfg, *common, kernels=KernelOptions(fast_path=False),
+                                                       k=args.k)
 
     peak = {}
-    for name, s in steppers.items():  # one step alone each, for its peak memory (GPU only)
+    for key, s in steppers.items():  # one step alone each, for its peak memory (GPU only)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         s.step()
-        peak[name] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        s.l0.clear()
+        peak[key] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
-    times: dict[str, list[float]] = {name: [] for name in steppers}
+    times: dict[tuple, list[float]] = {key: [] for key in steppers}
+    reps = {b: max(1, min(8, round(max(batches) / b))) for b in batches}
     for i in range(args.warmup + args.steps):
-        for name, s in steppers.items():  # interleaved: background load hits every implementation
-            t = s.step()
-            if i >= args.warmup:
-                times[name].append(t)
+        for key, s in steppers.items():  # interleaved: background load hits every implementation
+            for _ in range(reps[key[0]]):
+                t = s.step()
+                if i >= args.warmup:
+                    times[key].append(t)
+                else:
+                    s.l0.clear()
 
-    rate = matmul_rate(args.batch, args.d, args.n, device, torch.bfloat16 if autocast_dtype else torch.float32)
-    ceiling = rate / (2 * args.d * args.n)
-    print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, d={args.d} n={args.n} k={args.k} "
-          f"batch={args.batch}, saekit topk selects by {fast.topk_method}, "
-          f"{args.dead:.0%} dead (AuxK on), {args.steps} timed steps (median)")
-    print(f"matmul rate {rate / 1e9:.1f} GFLOP/s -> ceiling {ceiling / 1e3:.1f}k tok/s (2*d*n FLOP/token)")
-    print(f"{'impl':<26}{'ms/step':>10}{'tok/s':>12}{'of ceiling':>12}{'vs topk':>9}{'peak GiB':>10}")
-    tok_s = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
-    for name, ts in times.items():
-        vs = tok_s[name] / tok_s["saekit topk"]
-        print(f"{name:<26}{statistics.median(ts) * 1e3:>10.1f}{tok_s[name]:>12.0f}{tok_s[name] / ceiling:>12.1%}"
-              f"{vs:>9.2f}{peak[name]:>10.2f}")
-    best = max((t, name) for name, t in tok_s.items() if name.startswith("saekit topk"))
-    if "naive topk" in tok_s:
-        print(f"ratio {best[0] / tok_s['naive topk']:.2f} ({best[1]} vs naive topk; goal >= 2.0)")
-    goal = GPU_GOALS.get((args.d, args.n, args.k, args.batch))
-    if device.type == "cuda" and goal:
-        print(f"tokens/s {best[0]:.0f} ({best[1]}), {best[0] / goal:.2f} of the goal (goal >= {goal:.0f} on an H100)")
+    tok_s_topk = {}
+    for b in batches:
+        rate = matmul_rate(b, args.d, args.n, device, torch.bfloat16 if autocast_dtype else torch.float32)
+        ceiling = rate / (2 * args.d * args.n)
+        print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}, d={args.d} n={args.n} k={args.k} "
+              f"batch={b}, saekit topk selects by {fast.topk_method}, "
+              f"{args.dead:.0%} dead (AuxK on), {args.steps * reps[b]} timed steps (median)")
+        print(f"matmul rate {rate / 1e9:.1f} GFLOP/s -> ceiling {ceiling / 1e3:.1f}k tok/s (2*d*n FLOP/token)")
+        print(f"{'impl':<26}{'ms/step':>10}{'tok/s':>12}{'of ceiling':>12}{'vs topk':>9}{'L0':>8}{'peak GiB':>10}")
+        tok_s = {name: b / statistics.median(ts) for (bb, name), ts in times.items() if bb == b}
+        for (bb, name), ts in times.items():
+            if bb != b:
+                continue
+            vs = tok_s[name] / tok_s["saekit topk"]
+            l0 = statistics.mean(steppers[bb, name].l0)
+            print(f"{name:<26}{statistics.median(ts) * 1e3:>10.1f}{tok_s[name]:>12.0f}{tok_s[name] / ceiling:>12.1%}"
+                  f"{vs:>9.2f}{l0:>8.1f}{peak[bb, name]:>10.2f}")
+        best = max((t, name) for name, t in tok_s.items() if name.startswith("saekit topk"))
+        if "naive topk" in tok_s:
+            print(f"ratio {best[0] / tok_s['naive topk']:.2f} ({best[1]} vs naive topk; goal >= 2.0)")
+        for name in tok_s:
+            if name.startswith("dense "):
+                kind = name.split(" ", 1)[1]
+                print(f"saekit {kind} vs its dense step: {tok_s[f'saekit {kind}'] / tok_s[name]:.2f}x")
+        goal = GPU_GOALS.get((args.d, args.n, args.k, b))
+        if device.type == "cuda" and goal:
+            print(f"tokens/s {best[0]:.0f} ({best[1]}), {best[0] / goal:.2f} of the goal (goal >= {goal:.0f} on an H100)")
+        tok_s_topk[b] = tok_s["saekit topk"]
+        print()
+    if len(batches) > 1:
+        top = max(batches)
+        for b in batches[:-1]:
+            print(f"saekit topk per-token throughput at batch {b}: {tok_s_topk[b]:.0f} tok/s = "
+                  f"{tok_s_topk[b] / tok_s_topk[top]:.2f} of batch {top}'s {tok_s_topk[top]:.0f} (goal >= 0.85)")
 
 
 if __name__ == "__main__":

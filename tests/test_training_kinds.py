@@ -50,7 +50,11 @@ def test_kind_trains_saves_and_resumes(tmp_path, kind, monkeypatch):
         assert metrics["closed_form"] and not (out / "checkpoint").exists()
         return
 
-    # crash in step 11 (after the checkpoint at step 8), resume: bit-identical to the full run
+    assert_resumes_exactly(tmp_path, kind, out, monkeypatch)
+
+
+def assert_resumes_exactly(tmp_path, kind, out, monkeypatch):
+    """Crash in step 11 (after the checkpoint at step 8), resume: bit-identical to the full run ``out``."""
     real_step = trainer_module.Trainer._step
 
     def crash(self, *batch):
@@ -68,6 +72,22 @@ def test_kind_trains_saves_and_resumes(tmp_path, kind, monkeypatch):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("kind", ["relu", "jumprelu"])
+def test_resume_takes_the_same_dense_or_sparse_path(tmp_path, kind, monkeypatch):
+    """ReLU and JumpReLU choose the dense or the sparse step from the previous step's density, and the
+    two differ in float rounding; the choice is checkpointed (step_state). With the crossover at 0.999
+    the first step runs dense and every later one sparse, so a resume that forgot the state would run
+    step 9 dense and end with other weights."""
+    from saekit.autoencoders import sae
+
+    monkeypatch.setattr(sae, "SPARSE_MAX_DENSITY", 0.999)
+    cfg, _ = config(tmp_path / "full", kind)
+    out = train(cfg, data=data(kind))
+    state = load_file(str(out / "checkpoint" / "trainer.safetensors"))
+    assert float(state["step_state.0.pattern_density"]) < 0.999  # the last steps ran sparse
+    assert_resumes_exactly(tmp_path, kind, out, monkeypatch)
 
 
 @pytest.mark.parametrize("variant", ["compile", "triton"])

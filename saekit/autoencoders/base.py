@@ -109,7 +109,11 @@ class Output:
     """What ``forward`` returns. ``losses`` are the named parts; the trainer minimizes their sum.
 
     The code comes either dense (``code``, [B, n]) or, for TopK-style models whose fast path never
-    forms a dense [B, n] tensor, sparse (``indices`` and ``values``, [B, k]); ``code`` may then be None.
+    forms a dense [B, n] tensor, sparse (``indices`` and ``values``, [B, k]; entries with value 0 are
+    padding); ``code`` may then be None. The variable-count families (BatchTopK, Matryoshka, JumpReLU,
+    ReLU) return the sparse form and set ``n_latents``: their ``code`` is then formed from it on first
+    access (and kept), so callers that read ``code`` see what the dense path returns, and those that
+    do not (the trainer, the metrics) never pay for a [B, n] tensor.
     """
 
     x_hat: Tensor  # [B, d] in raw activation units
@@ -119,6 +123,7 @@ class Output:
     losses: dict[str, Tensor] = field(default_factory=dict)
     # Extra per-batch tensors a trainer or metric may want (e.g. pre-activations), never required.
     extras: dict[str, Tensor] = field(default_factory=dict)
+    n_latents: int | None = None  # set: ``code`` is formed from (indices, values) when first read
 
     @property
     def loss(self) -> Tensor:
@@ -126,23 +131,36 @@ class Output:
 
     def nonzero_per_token(self) -> Tensor:
         """[B] number of nonzero code entries per token."""
-        if self.code is not None:
-            return (self.code != 0).sum(-1)
+        if self._code is not None:
+            return (self._code != 0).sum(-1)
         return (self.values != 0).sum(-1)
 
     def fire_counts(self, n_latents: int) -> Tensor:
         """[n] number of tokens in the batch on which each latent was nonzero. Scatter-add rather than
         boolean indexing, which would force a host sync on CUDA (the trainer calls this every step)."""
-        if self.code is not None:
-            return (self.code != 0).sum(0)
+        if self._code is not None:
+            return (self._code != 0).sum(0)
         counts = torch.zeros(n_latents, dtype=torch.long, device=self.values.device)
         return counts.scatter_add_(0, self.indices.flatten().long(), (self.values != 0).flatten().long())
 
     def dense_code(self, n_latents: int) -> Tensor:
-        if self.code is not None:
-            return self.code
+        if self._code is not None:
+            return self._code
         dense = self.values.new_zeros(self.values.shape[0], n_latents)
-        return dense.scatter_(1, self.indices, self.values)
+        return dense.scatter_add_(1, self.indices, self.values)  # add: padding (latent 0, value 0) may repeat
+
+
+def _get_code(self: Output) -> Tensor | None:
+    if self._code is None and self.n_latents is not None and self.values is not None:
+        self._code = self.dense_code(self.n_latents)
+    return self._code
+
+
+def _set_code(self: Output, code: Tensor | None) -> None:
+    self._code = code
+
+
+Output.code = property(_get_code, _set_code)  # after @dataclass: __init__ assigns through the setter
 
 
 class Autoencoder(nn.Module):
@@ -219,6 +237,14 @@ class Autoencoder(nn.Module):
 
     def init_from_data(self, x: Tensor, b_dec: Tensor | None = None) -> None:
         """Data-dependent initialization from a sample of raw activations (decoder bias, thresholds)."""
+
+    def step_state(self) -> dict[str, Tensor]:
+        """What a step reads besides the weights and buffers (e.g. which of two numerically different
+        paths the next step takes); the trainer checkpoints it so a resumed run takes the same path."""
+        return {}
+
+    def load_step_state(self, state: dict[str, Tensor]) -> None:
+        """Restore ``step_state`` (keys absent from an older checkpoint keep their fresh values)."""
 
     # --- scale helpers --------------------------------------------------------------------------
     def scale_in(self, x: Tensor) -> Tensor:

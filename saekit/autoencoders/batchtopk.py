@@ -8,6 +8,12 @@ memory) does; dictionary_learning's 0.999 is made for runs of many thousands of 
 short run's threshold stuck near its untrained start. In eval mode the code is
 relu(pre) * (relu(pre) > threshold), a per-token rule like JumpReLU's; until the first training batch
 has set it (threshold < 0) eval falls back to the batch top-k. Decoder rows are unit norm as for TopK.
+
+The step runs on sparse kernels (sparse_paths.py): an exact batch top-k by threshold extraction, CSR
+codes with a variable number of latents per token, sparse decode and backward, AuxK's dead columns;
+inference with the learned threshold takes the same path. ``kernels.fast_path: false`` is the dense
+reference (``forward_dense``). The output is sparse (``Output.indices``/``values``, padded with zeros;
+``Output.code`` forms the dense code when read).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from torch import Tensor
 
 from saekit.autoencoders.base import Output, register
 from saekit.autoencoders.kernels import auxk_decode
+from saekit.autoencoders.sparse_paths import GUESS_MARGIN, Rule, SparseResult, padded, sparse_sae
 from saekit.autoencoders.sae import AuxKConfig, AuxKSAE, auxk_loss
 from saekit.metrics import mse
 from saekit.schema import value
@@ -48,6 +55,20 @@ class BatchTopKSAE(AuxKSAE):
     def __init__(self, d_in: int, cfg: BatchTopKConfig):
         super().__init__(d_in, cfg)
         self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
+        # The sparse selection's starting lo: any value gives the exact top k·B, but which of two tied
+        # values is kept may depend on it, so checkpoints carry it (step_state).
+        self._guess: Tensor | None = None
+
+    def step_state(self) -> dict[str, Tensor]:
+        state = super().step_state()
+        if self._guess is not None:
+            state["guess"] = self._guess.detach().cpu()
+        return state
+
+    def load_step_state(self, state: dict[str, Tensor]) -> None:
+        super().load_step_state(state)
+        if "guess" in state:
+            self._guess = state["guess"].to(self.threshold.device)
 
     def _code(self, pre_BN: Tensor) -> Tensor:
         acts_BN = pre_BN.relu()
@@ -60,7 +81,11 @@ class BatchTopKSAE(AuxKSAE):
         kept = code_BN[code_BN > 0]
         if kept.numel() == 0:
             return
-        low = kept.min().to(self.threshold)
+        self._update_threshold_low(kept.min())
+
+    @torch.no_grad()
+    def _update_threshold_low(self, low: Tensor) -> None:
+        low = low.to(self.threshold)
         beta = self.cfg.threshold_beta
         self.threshold.copy_(torch.where(self.threshold < 0, low, beta * self.threshold + (1 - beta) * low))
 
@@ -68,6 +93,37 @@ class BatchTopKSAE(AuxKSAE):
         return self._code(self.pre_acts(self.scale_in(x)))
 
     def forward(self, x: Tensor) -> Output:
+        if not self.kernels.fast_path:
+            return self.forward_dense(x)
+        x_n_BD = self.scale_in(x)
+        opts = self.kernels.on(x.device)
+        batch = self.training or self.threshold.item() < 0
+        rule = Rule("batchtopk", lo=self._guess, k=self.cfg.k) if batch else Rule("above", lo=self.threshold.detach())
+        dead_M = self.dead_ids()
+        r = sparse_sae(x_n_BD, self.weights, rule, opts, dead_M=dead_M, auxk_k=self.auxk_latents,
+                       group_ends=self.sparse_groups())
+        if batch:
+            kept = r.enc.vals_E.numel() > 0
+            self._guess = r.enc.low.detach() * GUESS_MARGIN if kept else None
+            if self.training and kept:
+                self._update_threshold_low(r.enc.low)
+        x_hat_n_BD, losses = self.reconstruct_sparse(x_n_BD, r)
+        losses["auxk"] = auxk_loss(x_n_BD - x_hat_n_BD.detach(), r.ehat_BD, self.cfg.auxk_alpha)
+        idx, vals = padded(r.enc.p, r.enc.vals_E)
+        return Output(x_hat=self.scale_out(x_hat_n_BD), indices=idx, values=vals, losses=losses,
+                      n_latents=self.n_latents)
+
+    def sparse_groups(self) -> list[int] | None:
+        """Where the nested groups end (Matryoshka); None: one group."""
+        return None
+
+    def reconstruct_sparse(self, x_n_BD: Tensor, r: SparseResult) -> tuple[Tensor, dict[str, Tensor]]:
+        """``reconstruct`` from the sparse step's decode."""
+        x_hat_n_BD = r.xhat_BD + self.b_dec
+        return x_hat_n_BD, {"mse": mse(x_n_BD, x_hat_n_BD)}
+
+    def forward_dense(self, x: Tensor) -> Output:
+        """The dense reference step: [B, n] pre-activations and code, dense decode, autograd's backward."""
         x_n_BD = self.scale_in(x)
         pre_BN = self.pre_acts(x_n_BD)
         code_BN = self._code(pre_BN)

@@ -24,6 +24,12 @@ relative to their size; so the thresholds get their own learning-rate multiplier
 (``threshold_lr_scale``, via ``lr_scales``), without which the encoder adapts around frozen
 thresholds and l0_coefficient barely matters. The initial threshold defaults to sqrt(l0_coefficient),
 the activation at which firing pays for its L0 cost.
+
+The step runs on sparse kernels (sparse_paths.py) while the pattern is sparse: the code's entries plus
+the "probe" entries within eps/2 below each threshold, where the code is 0 but the threshold's
+pseudo-derivative needs the output gradient; both pseudo-derivatives are applied exactly as below.
+Above ``SPARSE_MAX_DENSITY`` of [B, n] in that pattern (at init, or with a wide band) the dense step
+is faster and runs instead; ``kernels.fast_path: false`` always runs it (``forward_dense``).
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ from torch import Tensor, nn
 
 from saekit.autoencoders.base import Output, register
 from saekit.autoencoders.sae import SAEConfig, SparseAutoencoder
+from saekit.autoencoders.sparse_paths import Rule, padded, pattern_density, sparse_sae
+from saekit.metrics import mse
 from saekit.schema import FieldError, value
 
 
@@ -123,9 +131,25 @@ class JumpReLUSAE(SparseAutoencoder):
         return _JumpReLU.apply(pre_BN, self.threshold, self.cfg.bandwidth)
 
     def forward(self, x: Tensor) -> Output:
+        if not self.use_sparse_step():
+            return self.forward_dense(x)
+        x_n_BD = self.scale_in(x)
+        theta_N, eps = self.threshold, self.cfg.bandwidth
+        r = sparse_sae(x_n_BD, self.weights, Rule("jumprelu", eps=eps), self.kernels.on(x.device), theta_N=theta_N)
+        self.pattern_density = pattern_density(r.enc, self.n_latents)
+        l0 = self.cfg.l0_coefficient * self.sparsity_scale * r.enc.l0_B.mean()
+        x_hat_n_BD = r.xhat_BD + self.b_dec
+        idx, vals = padded(r.enc.p, r.enc.vals_E)
+        return Output(x_hat=self.scale_out(x_hat_n_BD), indices=idx, values=vals,
+                      losses={"mse": mse(x_n_BD, x_hat_n_BD), "l0": l0}, n_latents=self.n_latents)
+
+    def forward_dense(self, x: Tensor) -> Output:
         x_n_BD = self.scale_in(x)
         pre_BN = self.pre_acts(x_n_BD)
         theta_N, eps = self.threshold, self.cfg.bandwidth
+        if self.kernels.fast_path:  # the sparse pattern's size, to know when to switch
+            with torch.no_grad():
+                self.pattern_density = ((pre_BN > theta_N - eps / 2).sum() / pre_BN.numel()).item()
         code_BN = _JumpReLU.apply(pre_BN, theta_N, eps)
         l0_B = _Step.apply(pre_BN, theta_N, eps).sum(-1)
         l0 = self.cfg.l0_coefficient * self.sparsity_scale * l0_B.mean()

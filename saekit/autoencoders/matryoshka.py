@@ -7,6 +7,8 @@ so the first group must reconstruct on its own (general features), and each late
 earlier ones leave (specific ones). Selection is BatchTopK's (top k·B of the batch in training, the learned
 threshold at inference) and AuxK revives dead latents from the full reconstruction's residual, as in
 batchtopk.py. The prefixes cost one decode in all: the running reconstruction adds one group at a time.
+On the sparse path (batchtopk.py, sparse_paths.py) the code's entries are decoded as one bag per
+(group, token), and the prefix reconstructions are cumulative sums of those [G, B, d] group decodes.
 Loss parts: "mse" (the full dictionary's, as every family reports it), "prefix_mse" (the sum over the
 shorter prefixes; absent with one group, which is BatchTopK exactly) and "auxk".
 """
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from saekit.autoencoders.base import register
 from saekit.autoencoders.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saekit.autoencoders.sparse_paths import SparseResult
 from saekit.metrics import mse
 from saekit.schema import FieldError, value
 
@@ -71,3 +74,13 @@ class MatryoshkaSAE(BatchTopKSAE):
         if len(prefix) > 1:
             losses["prefix_mse"] = sum(prefix[:-1])
         return x_hat_n_BD, losses
+
+    def sparse_groups(self) -> list[int] | None:
+        return self.group_ends if len(self.group_ends) > 1 else None
+
+    def reconstruct_sparse(self, x_n_BD: Tensor, r: SparseResult) -> tuple[Tensor, dict[str, Tensor]]:
+        if r.prefix_GBD is None:  # one group: BatchTopK exactly
+            return super().reconstruct_sparse(x_n_BD, r)
+        prefix = [mse(x_n_BD, p_BD + self.b_dec) for p_BD in r.prefix_GBD.unbind(0)]
+        x_hat_n_BD = r.prefix_GBD[-1] + self.b_dec
+        return x_hat_n_BD, {"mse": prefix[-1], "prefix_mse": sum(prefix[:-1])}

@@ -4,7 +4,8 @@
         model/                  model.save(): model.safetensors + config.json
         optimizer.safetensors   every tensor of the optimizer state, keyed "state.<param>.<name>"
         optimizer.json          the rest: param_groups and non-tensor state entries
-        trainer.safetensors     dead-latent tracker, per-rank torch RNG states (uint8), loss history
+        trainer.safetensors     dead-latent tracker, per-rank torch RNG states (uint8), loss history,
+                                per-rank model step state (step_state.RANK.NAME)
         trainer.json            step, tokens, per-rank data-loader states, world size, wandb id, ...
 
 A checkpoint is written into checkpoint.tmp/ and swapped in with renames, so a kill at any moment

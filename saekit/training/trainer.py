@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from saekit.autoencoders import Autoencoder, build, registry
+from saekit.autoencoders.kernels import keep_freed_memory
 from saekit.config import TrainConfig, resolve_device
 from saekit.errors import ConfigError, UserError
 from saekit.files import directory_lock, read_json, write_json
@@ -269,6 +270,8 @@ class Trainer:
         self.base_lr = base_lr(cfg)
         self.dead_after_tokens = dead_after_tokens(cfg)
         fused = self.device.type == "cuda"
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults on the step's large temporaries (kernels.py)
         self.optimizer = torch.optim.Adam(param_groups(model), lr=self.base_lr, betas=tuple(cfg.betas),
                                           fused=fused)
         self.dead = DeadTracker(model.n_latents, self.device)
@@ -415,6 +418,7 @@ class Trainer:
         data_states = distributed.gather_objects(self.stream.state_dict(), d)
         cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
         rng_states = distributed.gather_objects((torch.get_rng_state(), cuda_rng), d)
+        step_states = distributed.gather_objects({k: v.cpu() for k, v in self.model.step_state().items()}, d)
         if d.is_main:
             density = self.density.fire_counts
             tensors = {
@@ -423,6 +427,8 @@ class Trainer:
                                                                                    dtype=torch.long),
                 "history": torch.tensor(self.history, dtype=torch.float64).reshape(-1, len(HISTORY_COLUMNS)),
             }
+            for rank, state in enumerate(step_states):  # per rank: each decides its own path
+                tensors.update({f"step_state.{rank}.{k}": v for k, v in state.items()})
             for rank, (cpu, cuda) in enumerate(rng_states):
                 tensors[f"rng_cpu.{rank}"] = cpu
                 if cuda is not None:
@@ -455,6 +461,8 @@ class Trainer:
             self.density.add_counts(tensors["density_counts"].to(self.device),
                                     torch.tensor(meta["density_nonzero"], device=self.device),
                                     meta["density_tokens"])
+        prefix = f"step_state.{d.rank}."
+        self.model.load_step_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         checkpoint.load_optimizer(ckpt, self.optimizer)
         self.stream.load_state_dict(meta["data_state"][d.rank])
         # Last: loading the model above drew random numbers (its fresh init before the weights landed).
