@@ -121,7 +121,7 @@ class LinearAE(Autoencoder):
         W_DN = torch.randn(d_in, n) / math.sqrt(d_in)
         self.W_enc = nn.Parameter(W_DN.clone())  # [d, n]
         self.b_enc = nn.Parameter(torch.zeros(n))
-        self.W_dec = nn.Parameter(W_DN.T.contiguous())  # [n, d]; contiguous, as a loaded model is
+        self.W_dec = nn.Parameter(W_DN.T.clone())  # [n, d]
         self.b_dec = nn.Parameter(torch.zeros(d_in))
 
     def encode_normalized(self, xn_BD: Tensor) -> Tensor:

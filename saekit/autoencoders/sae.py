@@ -61,9 +61,9 @@ class SparseAutoencoder(Autoencoder):
         super().__init__(d_in, cfg)
         W_dec_ND = torch.randn(cfg.n_latents, d_in)
         W_dec_ND /= W_dec_ND.norm(dim=-1, keepdim=True)
-        # Contiguous (a plain .T.clone() keeps the transposed strides): a model loaded from disk is, and
-        # fused Adam must see the same layout before and after a resume to give the same update.
-        self.W_enc = nn.Parameter(W_dec_ND.T.contiguous())
+        # .T.clone() keeps the transposed strides: W_enc's memory is [n, d] row-major, the layout of the
+        # gradient the sparse kernels produce (latent rows), so autograd takes it without a copy.
+        self.W_enc = nn.Parameter(W_dec_ND.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
         self.W_dec = nn.Parameter(W_dec_ND)
         self.b_dec = nn.Parameter(torch.zeros(d_in))

@@ -78,6 +78,19 @@ def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer) -> None:
             if isinstance(value, list) and key != "params":
                 group[key] = tuple(value)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    _match_param_layouts(optimizer)
+
+
+def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded state tensor its parameter's strides. Files hold contiguous tensors, but a
+    parameter may be a transposed view (an SAE's W_enc): fused Adam walks a parameter, its gradient
+    and its moments in memory order, so moments of another layout would be paired with the wrong
+    elements (torch 2.13) and a resumed run would diverge from an uninterrupted one."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 # ------------------------------------------------------------------------------------ trainer state
