@@ -46,6 +46,7 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: only the time budget)")
     p.add_argument("--max-windows", type=int, default=40_000)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -66,10 +67,12 @@ def main():
     budget = a.minutes * 60
     start, step, seen = time.time(), 0, 0
     g = torch.Generator().manual_seed(a.seed)
-    while (elapsed := time.time() - start) < budget:
-        # Cosine decay on wall-clock progress so the run ends cooled down whatever the machine speed.
+    while (elapsed := time.time() - start) < budget and not (a.steps and step >= a.steps):
+        # Cosine decay on wall-clock (or step) progress, whichever ends first, so the run ends cooled
+        # down whatever the machine speed.
+        progress = max(elapsed / budget, step / a.steps if a.steps else 0.0)
         for group in opt.param_groups:
-            group["lr"] = a.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
+            group["lr"] = a.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress))
         batch = train[torch.randint(len(train), (a.batch,), generator=g)]
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
