@@ -30,9 +30,17 @@ def cmd_harvest(path, extra):
 
 
 def cmd_train(path, extra):
-    from saekit.training import train
+    from saekit.config import load_train_configs
+    from saekit.schema import parse_override_args
+    from saekit.training.trainer import train, train_many
 
-    print(f"run: {train(_stage_config('TrainConfig', path, extra))}")
+    # A file with a `models:` list is a sweep: every run trains from one pass over the data.
+    runs = load_train_configs(path, parse_override_args(extra))
+    if len(runs) == 1:
+        print(f"run: {train(runs[0][1])}")
+        return
+    for run_dir in train_many([cfg for _, cfg in runs]):
+        print(f"run: {run_dir}")
 
 
 def cmd_evaluate(run, extra):
@@ -94,7 +102,7 @@ def cmd_demo(path, extra):
 
 COMMANDS = {
     "harvest": (cmd_harvest, "CONFIG", "capture activations into an on-disk store"),
-    "train": (cmd_train, "CONFIG", "train an autoencoder on a store"),
+    "train": (cmd_train, "CONFIG", "train an autoencoder on a store (a `models:` list: many in one pass)"),
     "evaluate": (cmd_evaluate, "RUN_DIR", "metrics for a trained run, written beside the model (--suite core,absorption,probing,interp)"),
     "analyze": (cmd_analyze, "RUN_DIR", "top-activating contexts and an HTML dashboard"),
     "compare": (cmd_compare, "CONFIG", "train and evaluate several families on one store"),

@@ -29,17 +29,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import itertools
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saekit.config import EvalConfig, HarvestConfig, Section, TrainConfig, load_config
-from saekit.errors import ConfigError
+from saekit.config import EvalConfig, HarvestConfig, Section, TrainConfig, expand_models, load_config
 from saekit.files import atomic_write, read_json, save_figure, write_json
-from saekit.schema import apply_overrides, from_dict, to_dict
+from saekit.schema import to_dict
 
 REPORT_MD, REPORT_CSV, REPORT_JSON = "compare.md", "compare.csv", "compare.json"
 PLOT_FVU, PLOT_DOWNSTREAM = "pareto_fvu_l0.png", "pareto_downstream_l0.png"
@@ -48,8 +46,6 @@ PLOT_TRANSCODER = "pareto_transcoder_fvu_l0.png"
 SUITE_PLOTS = [("absorption", "pareto_absorption_l0.png", "mean absorption fraction (first letter)", False),
                ("probe_k1", "pareto_probing_l0.png", "k=1 sparse-probe accuracy (mean over tasks)", True),
                ("detection", "pareto_interp_l0.png", "detection score (token-set explanations)", True)]
-_SHORT = {"l1_coefficient": "l1", "l0_coefficient": "l0", "n_latents": "n", "noise_level": "noise",
-          "contractive_coefficient": "c", "total_tokens": "tok", "initial_threshold": "theta"}
 _AXIS = {"ce_loss_recovered": "CE loss recovered (vs zero-ablation)",
          "cosine_spliced": "cosine(clean, spliced) sentence embedding"}
 
@@ -66,59 +62,11 @@ class CompareConfig(Section):
 
 
 # --------------------------------------------------------------------------------------- planning
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
-
-
-def _value_label(value) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def _point_label(key: str, value) -> str:
-    """``model.k``, 16 -> "k16"; ``model.l1_coefficient``, 5.0 -> "l1=5" (an "=" after a trailing digit)."""
-    short = _SHORT.get(key.split(".")[-1], key.split(".")[-1])
-    return short + ("=" if short[-1].isdigit() else "") + _value_label(value)
-
-
 def plan(cfg: CompareConfig) -> list[tuple[str, TrainConfig]]:
-    """(run name, TrainConfig) for every model and sweep point, in config order; names are unique."""
-    if not cfg.models:
-        raise ConfigError("compare: `models` is empty; list at least one model")
-    base = cfg.train
-    runs: list[tuple[str, TrainConfig]] = []
-    for i, entry in enumerate(cfg.models):
-        if not isinstance(entry, dict):
-            raise ConfigError(f"compare: models[{i}] must be a mapping, got {entry!r}")
-        entry = dict(entry)
-        name = str(entry.pop("name", None) or (entry.get("model") or {}).get("kind")
-                   or (base.get("model") or {}).get("kind") or "topk")
-        sweep = entry.pop("sweep", None) or {}
-        if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
-            raise ConfigError(f"compare: models[{i}].sweep must map keys to non-empty lists, got {sweep!r}")
-        for values in itertools.product(*sweep.values()):
-            point = dict(zip(sweep, values))
-            data = _deep_merge(base, entry)
-            data = apply_overrides(data, point)
-            run_name = name + "".join(f"-{_point_label(k, v)}" for k, v in point.items())
-            data["out"] = str(Path(cfg.out) / "runs" / run_name)
-            data.setdefault("data", {})["store"] = cfg.store
-            data["progress"] = False
-            try:
-                train_cfg = from_dict(TrainConfig, data)
-            except ConfigError as err:
-                raise ConfigError(f"compare: models[{i}] ({run_name}): {err}") from None
-            runs.append((run_name, train_cfg))
-    names = [n for n, _ in runs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"compare: run names must be unique; repeated: {', '.join(dupes)} (give `name`)")
-    return runs
+    """(run name, TrainConfig) for every model and sweep point, in config order; names are unique. The
+    entries expand as in a train sweep file (config.expand_models), into ``<out>/runs/<name>``."""
+    return expand_models(cfg.train, cfg.models, Path(cfg.out) / "runs", "compare",
+                         fixed={"data.store": cfg.store, "progress": False})
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -147,16 +95,16 @@ def run_compare(cfg: CompareConfig) -> Path:
     from saekit.data.store import StoreReader
     from saekit.evaluation.evaluate import EVAL_FILE, evaluate_run
     from saekit.lm import load_manifest_lm
-    from saekit.training import train
 
     runs = plan(cfg)  # config errors surface before any harvesting or training
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     reader = StoreReader(ensure_store(cfg))
+    train_in_passes([t for _, t in runs])
     lm = None
     rows = []
     for name, train_cfg in runs:
-        run_dir = train(train_cfg)
+        run_dir = Path(train_cfg.out)
         eval_cfg = dataclasses.replace(cfg.eval, run=str(run_dir), out=None, store=None)
         result = _cached_eval(run_dir / EVAL_FILE, eval_cfg)
         if result is None:
@@ -180,6 +128,20 @@ def run_compare(cfg: CompareConfig) -> Path:
         name = next(r["downstream_name"] for r in rows if r.get("downstream_name"))
         plot_pareto(rows, "downstream", _AXIS.get(name, name), out / PLOT_DOWNSTREAM, higher_is_better=True)
     return report
+
+
+def train_in_passes(cfgs: list[TrainConfig]) -> None:
+    """Train the runs in as few passes over the store as their data settings allow: one train_many per
+    group of runs that read the same batches (they may differ in hook; closed-form ones are fitted
+    apart by train_many itself)."""
+    from saekit.training.trainer import OWN_DATA_KEYS, train_many
+
+    groups: dict[str, list[TrainConfig]] = {}
+    for t in cfgs:
+        shared = {k: v for k, v in to_dict(t.data).items() if k not in OWN_DATA_KEYS}
+        groups.setdefault(json.dumps([shared, t.device], sort_keys=True), []).append(t)
+    for group in groups.values():
+        train_many(group)
 
 
 def split_transcoders(rows: list[dict]) -> tuple[list[dict], list[dict]]:

@@ -8,9 +8,10 @@ optimizer or sampling steps.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from saekit.autoencoders.base import AutoencoderConfig
 from saekit.autoencoders.kernels import KernelOptions
@@ -80,10 +81,37 @@ class HarvestConfig(Section):
 
 
 @dataclass
-class DataConfig(Section):
-    """How a training run reads a store."""
+class CaptureConfig(HarvestConfig):
+    """``data.harvest`` of a run with ``data.source: model``: the harvest's own settings (model, dataset,
+    context_size, batch_sequences, keep_special_tokens, model_dtype, device, ...) for capturing on the
+    fly. ``model`` must be named; ``dtype`` is the shuffle buffer's. The hooks are ``data.hook`` (and
+    ``data.target_hook``), and nothing is written, so the store-only keys below must stay unset."""
 
-    store: str = "runs/store"
+    model: str | None = None  # hub id, local directory, or all-MiniLM-L6-v2 (required)
+
+    STORE_ONLY: ClassVar[tuple[str, ...]] = ("out", "hooks", "max_tokens", "shard_sequences", "progress")
+
+    def validate(self) -> None:  # not HarvestConfig's: no shards, no hooks list
+        if self.model is None:
+            raise FieldError("model", "is not set; name the model to capture from (a hub id, a local "
+                             f"directory, or {DEFAULT_MODEL})")
+        defaults = HarvestConfig()
+        for name in self.STORE_ONLY:
+            if getattr(self, name) != getattr(defaults, name):
+                why = ("the hooks are data.hook and data.target_hook" if name == "hooks"
+                       else "the total_tokens of the run decide how much is captured" if name == "max_tokens"
+                       else "no store is written")
+                raise FieldError(name, f"does not apply with data.source 'model' ({why}); drop it")
+
+
+@dataclass
+class DataConfig(Section):
+    """Where a training run's activations come from: a harvested store (``source: store``), or the
+    model itself, captured on the fly into the shuffle buffer (``source: model`` with ``harvest:``)."""
+
+    source: Literal["store", "model"] = "store"
+    store: str = "runs/store"  # source store only
+    harvest: CaptureConfig | None = None  # source model only: what to capture from (CaptureConfig)
     hook: str = DEFAULT_HOOK
     # Transcoders: the activation they predict from `hook`'s, another hook of the same store (e.g. hook
     # blocks.3.mlp.hook_in, target_hook blocks.3.hook_mlp_out); batches are then row-aligned pairs.
@@ -95,6 +123,18 @@ class DataConfig(Section):
     prefetch_batches: int = value(4, ge=1)  # batches the loader's thread prepares ahead
 
     RENAMED = {"batch_size": "batch_tokens", "prefetch": "prefetch_batches"}
+
+    def validate(self) -> None:
+        if self.source == "store" and self.harvest is not None:
+            raise FieldError("harvest", "is set, but data.source is 'store' (the store was harvested "
+                             "already); set data.source: model to capture from the model, or drop data.harvest")
+        if self.source == "model":
+            if self.harvest is None:
+                raise FieldError("harvest", "is not set, but data.source is 'model'; add a data.harvest "
+                                 f"section naming at least its model, e.g. data.harvest.model {DEFAULT_MODEL}")
+            if self.heldout_tokens:
+                raise FieldError("heldout_tokens", f"({self.heldout_tokens}) needs a store to hold rows out "
+                                 "of; with data.source 'model' drop it (evaluate on a harvested store)")
 
 
 @dataclass
@@ -263,6 +303,81 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or {})
     return from_dict(cls, data)
+
+
+# ------------------------------------------------------------------------------- many runs, one file
+# Short names of swept keys in run names: model.l1_coefficient 5 -> "relu-l1=5".
+_SHORT = {"l1_coefficient": "l1", "l0_coefficient": "l0", "n_latents": "n", "noise_level": "noise",
+          "contractive_coefficient": "c", "total_tokens": "tok", "initial_threshold": "theta"}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, val in over.items():
+        out[key] = _deep_merge(out[key], val) if isinstance(val, dict) and isinstance(out.get(key), dict) \
+            else val
+    return out
+
+
+def _point_label(key: str, val) -> str:
+    """``model.k``, 16 -> "k16"; ``model.l1_coefficient``, 5.0 -> "l1=5" (an "=" after a trailing digit)."""
+    short = _SHORT.get(key.split(".")[-1], key.split(".")[-1])
+    return short + ("=" if short[-1].isdigit() else "") + (f"{val:g}" if isinstance(val, float) else str(val))
+
+
+def expand_models(base: dict, models: list, out: str | Path, where: str,
+                  fixed: dict[str, Any] | None = None) -> list[tuple[str, "TrainConfig"]]:
+    """(run name, TrainConfig) for every entry of a ``models:`` list and every point of its ``sweep:``,
+    in order; shared by ``saekit train`` (a sweep file) and ``saekit compare``.
+
+    Each entry is TrainConfig keys merged over ``base`` (so ``base`` is checked per entry, as that
+    entry's kind), plus ``name`` (default: the kind) and ``sweep`` (dotted keys -> lists of values; one
+    run per combination, named e.g. ``topk-k16``). Run ``name`` goes to ``<out>/<name>``; ``fixed``
+    (dotted keys) is set last, over everything. ``where`` prefixes error messages."""
+    if not models:
+        raise ConfigError(f"{where}: `models` is empty; list at least one model")
+    if not isinstance(models, list):
+        raise ConfigError(f"{where}: `models` must be a list of entries, got {models!r}")
+    runs: list[tuple[str, TrainConfig]] = []
+    for i, entry in enumerate(models):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: models[{i}] must be a mapping, got {entry!r}")
+        entry = dict(entry)
+        name = str(entry.pop("name", None) or (entry.get("model") or {}).get("kind")
+                   or (base.get("model") or {}).get("kind") or "topk")
+        sweep = entry.pop("sweep", None) or {}
+        if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+            raise ConfigError(f"{where}: models[{i}].sweep must map keys to non-empty lists, got {sweep!r}")
+        for values in itertools.product(*sweep.values()):
+            point = dict(zip(sweep, values))
+            run_name = name + "".join(f"-{_point_label(k, v)}" for k, v in point.items())
+            data = apply_overrides(_deep_merge(base, entry), point)
+            data = apply_overrides(data, {**(fixed or {}), "out": str(Path(out) / run_name)})
+            try:
+                runs.append((run_name, from_dict(TrainConfig, data)))
+            except ConfigError as err:
+                raise ConfigError(f"{where}: models[{i}] ({run_name}): {err}") from None
+    names = [n for n, _ in runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: run names must be unique; repeated: {', '.join(dupes)} (give `name`)")
+    return runs
+
+
+def load_train_configs(path: str | Path | None = None,
+                       overrides: dict[str, Any] | None = None) -> list[tuple[str, "TrainConfig"]]:
+    """The runs of a train YAML: one (its out's name, TrainConfig), or with a top-level ``models:``
+    list (see expand_models) one per entry and sweep point, each in ``<out>/<name>``. Command-line
+    ``overrides`` apply to every run and win over the entries (``out`` names the parent directory)."""
+    data = read_yaml(path) if path is not None else {}
+    if "models" not in data:
+        cfg = load_config(TrainConfig, path, overrides)
+        return [(Path(cfg.out).name, cfg)]
+    data = apply_overrides(data, overrides or {})
+    models = data.pop("models")
+    out = data.get("out", TrainConfig.out)
+    fixed = {k: v for k, v in (overrides or {}).items() if k != "out"}
+    return expand_models(data, models, out, str(path or "train"), fixed)
 
 
 def resolve_device(device):

@@ -75,9 +75,14 @@ def plain(value: Any) -> Any:
     return value
 
 
+def json_text(data: Any, indent: int = 2) -> str:
+    """The text ``write_json`` writes: NaN/inf as null (strict JSON), a trailing newline."""
+    return json.dumps(plain(data), indent=indent) + "\n"
+
+
 def write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> None:
     """The one JSON writer: atomic, NaN/inf as null (strict JSON), a trailing newline."""
-    atomic_write(path, json.dumps(plain(data), indent=indent) + "\n")
+    atomic_write(path, json_text(data, indent))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -103,10 +108,16 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 23) -> str:
     """Hex sha256 of a file, streamed in 8 MiB chunks (memory stays flat for any size)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
+        return sha256_stream(f, chunk_bytes)
+
+
+def sha256_stream(f, chunk_bytes: int = 1 << 23) -> str:
+    """Hex sha256 of what is left to read in the binary file object ``f`` (a local file, an fsspec
+    remote one), read in ``chunk_bytes`` chunks."""
+    digest = hashlib.sha256()
+    while block := f.read(chunk_bytes):
+        digest.update(block)
     return digest.hexdigest()
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from saekit.config import HarvestConfig, resolve_device, resolve_dtype
-from saekit.errors import ConfigError, UserError
+from saekit.config import HarvestConfig, resolve_device
+from saekit.errors import UserError
 from saekit.files import directory_lock
-from saekit.data.store import StoreWriter
-from saekit.data.text import corpus_id, iter_texts
-from saekit.data.tokens import iter_windows, special_mask
-from saekit.lm import load_lm, make_capture
+from saekit.data.store import StoreWriter, store_location
+from saekit.data.text import corpus_id, texts_of
+from saekit.data.tokens import iter_windows, kept_positions
+from saekit.lm import open_capture
 
 # Keys that do not change what is written, so they may differ when resuming a store.
 _NOT_FINGERPRINTED = ("out", "progress")
@@ -71,19 +71,15 @@ class Harvester:
     def __init__(self, cfg: HarvestConfig):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.lm = lm = load_lm(cfg.model, revision=cfg.revision, dtype=resolve_dtype(cfg.model_dtype),
-                               device=self.device)
-        if cfg.context_size > lm.n_ctx:
-            raise ConfigError(f"config key 'context_size' ({cfg.context_size}) exceeds the model's {lm.n_ctx} "
-                              "positions")
-        self.capture = make_capture(lm, cfg.hooks, backend=cfg.backend)  # validates hook names first
+        self.lm, self.capture = open_capture(cfg)  # validates hook names first
         if next(self.texts(), None) is None:  # refuse before a store directory exists
             raise UserError(f"dataset {cfg.dataset!r} holds no text (no non-empty document); nothing to harvest")
         # From here on this process writes cfg.out: hold its lock until run() ends.
         self._lock = ExitStack()
-        self._lock.enter_context(directory_lock(cfg.out, "harvest"))
+        if isinstance(store_location(cfg.out), Path):  # object storage has no lock: one harvest per URL
+            self._lock.enter_context(directory_lock(cfg.out, "harvest"))
         try:
-            self.writer = self._open_store(lm)
+            self.writer = self._open_store(self.lm)
         except BaseException:
             self._lock.close()
             raise
@@ -98,23 +94,21 @@ class Harvester:
                            max_rows=cfg.max_tokens)
 
     def texts(self):
-        cfg = self.cfg
-        return iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column, cfg.text_encoding,
-                          cfg.text_errors)
+        return texts_of(self.cfg)
 
     def windows(self):
         """The packed token windows still to harvest, in order (resume skips those on disk)."""
         windows = iter_windows(self.lm.tokenizer, self.texts(), self.cfg.context_size)
         return itertools.islice(windows, self.writer.sequences_done, None)
 
-    def run(self) -> Path:
+    def run(self) -> Path | str:
         with self._lock:
             return self._run()
 
-    def _run(self) -> Path:
+    def _run(self) -> Path | str:
         cfg, writer = self.cfg, self.writer
         if writer.complete:
-            return Path(cfg.out)
+            return store_location(cfg.out)
         bar = _progress(cfg, writer.rows_done)
         background = _BackgroundWriter(writer)
         rows = writer.rows_done
@@ -122,9 +116,7 @@ class Harvester:
             for tokens in _batches(self.windows(), cfg.batch_sequences):
                 if rows >= cfg.max_tokens:
                     break
-                keep = torch.ones_like(tokens, dtype=torch.bool)
-                if not cfg.keep_special_tokens:
-                    keep = ~special_mask(self.lm.tokenizer, tokens)
+                keep = kept_positions(self.lm.tokenizer, tokens, cfg.keep_special_tokens)
                 acts = self.capture(tokens.to(self.device), torch.ones_like(tokens, device=self.device))
                 # Left on the model's device: the writer moves only the kept rows, already cast.
                 background.put(tokens, keep, acts)
@@ -142,10 +134,10 @@ class Harvester:
             raise UserError(f"{cfg.out}: the text gave no activation rows (every token is a special token, "
                             "or the documents are too short); check the dataset, or keep_special_tokens: true")
         writer.finish()
-        return Path(cfg.out)
+        return store_location(cfg.out)
 
 
-def harvest(cfg: HarvestConfig) -> Path:
+def harvest(cfg: HarvestConfig) -> Path | str:
     """Write (or finish writing) the store ``cfg.out``; returns its path."""
     return Harvester(cfg).run()
 

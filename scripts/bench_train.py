@@ -17,13 +17,23 @@ of saekit topk at each size as a fraction of the largest's.
                                   [--batches 512,4096] [--dtype fp32|bf16] [--kinds relu,batchtopk,jumprelu]
                                   [--chunk 0] [--triton] [--compile] [--no-naive] [--dense-kinds]
                                   [--topk auto|torch|two_stage] [--compare-topk]
+    python scripts/bench_train.py --sweep 8 [--sweep-tokens 65536] [--store DIR --hook HOOK]
+
+``--sweep N`` times whole training runs instead: N small TopK SAEs (d 384 unless --store, 1536 latents,
+k and lr varied) on a real on-disk store (a temporary synthetic one written with StoreWriter unless
+``--store``), trained together by ``train_many`` (one pass over the data) and one after another by
+``train`` over the same store, in one process; tokens/s counts every run's tokens over the wall time,
+start-up and outputs included, and the last line is ``ratio X.XX (goal >= 1.5)``.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -105,6 +115,62 @@ class Stepper:
         return seconds
 
 
+def synthetic_store(directory: Path, d: int, rows: int, hook: str) -> Path:
+    """A store of ``rows`` activation rows (sparse combinations of a random dictionary plus an offset, like
+    real activations), written by the store writer in 128-token sequences."""
+    from saekit.data.store import StoreWriter
+
+    ctx, n_seq = 128, -(-rows // 128)
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(4 * d, d, generator=g) / d ** 0.5
+    writer = StoreWriter(directory, {"model": "synthetic", "context_size": ctx}, {}, [hook], d, "float32",
+                         shard_sequences=64)
+    for s in range(0, n_seq, 16):
+        b = min(16, n_seq - s)
+        codes = torch.rand(b, ctx, 4 * d, generator=g).lt(0.02) * torch.rand(b, ctx, 4 * d, generator=g)
+        writer.add(torch.zeros(b, ctx, dtype=torch.long), torch.ones(b, ctx, dtype=torch.bool),
+                   {hook: codes @ atoms + 1.0})
+    writer.finish()
+    return directory
+
+
+def bench_sweep(args) -> None:
+    from saekit.config import DataConfig, TrainConfig
+    from saekit.training import train
+    from saekit.training.trainer import train_many
+
+    with tempfile.TemporaryDirectory(prefix="saekit-bench-sweep-") as tmp:
+        tmp = Path(tmp)
+        store, hook = (Path(args.store), args.hook) if args.store else (
+            synthetic_store(tmp / "store", args.d, args.sweep_tokens // 2, args.hook), args.hook)
+
+        def configs(root: Path) -> list[TrainConfig]:
+            ks, lrs = [16, 32, 64, 128], [5e-4, 1e-3]
+            return [TrainConfig(out=str(root / f"sae{i}"), total_tokens=args.sweep_tokens, progress=False,
+                                device=args.device, lr=lrs[i // len(ks) % len(lrs)], log_every_steps=20,
+                                data=DataConfig(store=str(store), hook=hook, batch_tokens=args.batch,
+                                                buffer_tokens=65536),
+                                model=AutoencoderConfig.for_kind("topk", n_latents=args.n, k=ks[i % len(ks)]))
+                    for i in range(args.sweep)]
+
+        # Untimed: the first run in a process pays one-off costs (thread pools, allocator, plotting).
+        train(replace(configs(tmp / "warmup")[0], total_tokens=2 * args.batch))
+        t0 = time.perf_counter()
+        train_many(configs(tmp / "one_pass"))
+        one_pass = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for cfg in configs(tmp / "sequential"):
+            train(cfg)
+        sequential = time.perf_counter() - t0
+    tokens = args.sweep * args.sweep_tokens
+    print(f"device {args.device} ({torch.get_num_threads()} threads): {args.sweep} TopK SAEs, d={args.d} "
+          f"n={args.n}, batch {args.batch}, {args.sweep_tokens} tokens each, "
+          f"store {store if args.store else 'synthetic'}")
+    print(f"one pass (train_many)   {one_pass:8.1f} s {tokens / one_pass:10.0f} tok/s")
+    print(f"sequential (train x{args.sweep}) {sequential:8.1f} s {tokens / sequential:10.0f} tok/s")
+    print(f"ratio {sequential / one_pass:.2f} (goal >= 1.5)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -130,10 +196,20 @@ def main() -> None:
                     help="also time each --kinds family's dense reference step (kernels.fast_path: false)")
     ap.add_argument("--page-faults", action="store_true",
                     help="leave glibc's default (trim freed memory; what the trainer avoids on CPU)")
+    ap.add_argument("--sweep", type=int, default=0, help="time N whole runs: one pass against one by one")
+    ap.add_argument("--sweep-tokens", type=int, default=65536, help="--sweep: training tokens per run")
+    ap.add_argument("--store", default="", help="--sweep: an existing store (default: a temporary synthetic one)")
+    ap.add_argument("--hook", default="blocks.3.hook_resid_post", help="--sweep: the store's hook")
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sweep:
+        if "--n" not in sys.argv:
+            args.n = 1536
+        if "--batch" not in sys.argv:
+            args.batch = 1024
+        return bench_sweep(args)
     device = torch.device(args.device)
     if device.type == "cpu" and not args.page_faults:
         keep_freed_memory()  # as the trainer does on CPU

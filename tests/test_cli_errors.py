@@ -1,5 +1,6 @@
 """Every error a user can cause is one clear line on stderr and exit status 2, with no traceback; a bug
 keeps its traceback. Real `python -m saekit.cli` subprocesses, on a real MiniLM store."""
+import json
 import shutil
 import subprocess
 import sys
@@ -111,6 +112,12 @@ def test_run_dir_with_another_config_and_missing_runs(store, tmp_path):
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert_user_error(saekit(*train_args(store, run, "--total_tokens", 1024)),
                       "already holds a run with a different config", "total_tokens (512 -> 1024)")
+    # A run written before a key was added to TrainConfig (here: data.source) is still the same run.
+    saved = json.loads((run / "config.json").read_text())
+    del saved["data"]["source"]
+    (run / "config.json").write_text(json.dumps(saved))
+    again = saekit(*train_args(store, run))
+    assert again.returncode == 0 and "already trained" in again.stdout, again.stderr[-3000:]
     assert_user_error(saekit("evaluate", tmp_path / "no-run"), "no trained model")
     assert_user_error(saekit("analyze", tmp_path / "no-run"), "not a training run directory")
     assert_user_error(saekit("evaluate", run, "--positions", "some"), "'positions' is 'some'")

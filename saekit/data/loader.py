@@ -122,7 +122,16 @@ class ActivationLoader:
     # ---------------------------------------------------------------------------- producing
     def _read_fill(self, order: np.ndarray, offsets: np.ndarray, fill: int) -> list[torch.Tensor]:
         """Rows [fill * fill_rows, ...) of the epoch's row stream, in the store dtype: one tensor per
-        hook of ``self.hooks``, the same rows in the same order."""
+        hook of ``self.hooks``, the same rows in the same order.
+
+        First tells the store which shards this fill and the next one read, in reading order (each hook
+        reads them all), so a remote store fetches them in the background while compute goes on."""
+        lo, mid, hi = (min(self.n_rows, k * self.fill_rows) for k in (fill, fill + 1, fill + 2))
+        # Pieces [first, end) hold the rows of this fill, [first, last) those of this fill and the next.
+        first = int(np.searchsorted(offsets, lo, side="right")) - 1
+        end, last = (int(np.searchsorted(offsets, x, side="left")) for x in (mid, hi))
+        this, both = self.pieces[order[first:end], 0].tolist(), self.pieces[order[first:last], 0].tolist()
+        self.store.prefetch(this * (len(self.hooks) - 1) + both)  # each hook reads this fill's shards
         return [self._read_hook_fill(order, offsets, fill, hook) for hook in self.hooks]
 
     def _read_hook_fill(self, order: np.ndarray, offsets: np.ndarray, fill: int, hook: str) -> torch.Tensor:

@@ -15,6 +15,11 @@ temporary file, fsynced and renamed, so a process killed at any moment leaves ei
 state; on reopening, anything unlisted is deleted and the writer continues from the last listed shard.
 Since shard boundaries depend only on sequence counts, a killed-and-resumed harvest ends with the same
 bytes as an uninterrupted one (the manifest holds no timestamps for the same reason).
+
+A store may also live on object storage, named by an fsspec URL (``s3://bucket/store``, ``gs://...``,
+``hf://...``): the same files, each object written whole by one PUT (atomic there), the manifest last;
+reads fetch a shard once, verify it and slice it from a small in-memory cache, and ``prefetch`` lets a
+loader fetch the shards it reads next in the background. Local paths keep the local code path.
 """
 from __future__ import annotations
 
@@ -23,9 +28,13 @@ import importlib.metadata
 import json
 import os
 import re
+import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import safetensors.torch
 import torch
@@ -33,7 +42,7 @@ from safetensors import safe_open
 
 import saekit
 from saekit.errors import UserError
-from saekit.files import atomic_write, sha256_file, write_json
+from saekit.files import atomic_write, json_text, sha256_file, sha256_stream
 from saekit.schema import check_choice, config_diff
 
 from .tokens import tokenizer_meta
@@ -80,10 +89,10 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def _read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
+def _read_manifest(files: _Local | _Remote) -> dict:
+    path = files.label(MANIFEST)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(files.read(MANIFEST).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StoreError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -107,7 +116,7 @@ _SHARD_SCHEMA = {"file": str, "bytes": int, "sha256": str, "first_row": int, "n_
                  "first_sequence": int, "n_sequences": int}
 
 
-def _check_schema(path: Path, entry, schema: dict, where: str) -> None:
+def _check_schema(path: Path | str, entry, schema: dict, where: str) -> None:
     if not isinstance(entry, dict):
         raise StoreError(f"{path}: {where.rstrip('.') or 'the manifest'} is not a JSON object; the manifest is "
                          "damaged (restore it, or delete the store and harvest again)")
@@ -117,6 +126,167 @@ def _check_schema(path: Path, entry, schema: dict, where: str) -> None:
             got = "missing" if key not in entry else f"{type(value).__name__} {value!r}"
             raise StoreError(f"{path}: '{where}{key}' should be a {kind.__name__}, got {got}; the manifest is "
                              "damaged (restore it, or delete the store and harvest again)")
+
+
+# ------------------------------------------------------------------------------- where a store lives
+# The extra that installs the fsspec backend of a protocol (`pip install saekit[s3]`).
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+# Where the exceptions of remote backends come from: these become one-line StoreErrors naming the URL.
+_BACKEND_MODULES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "huggingface_hub",
+                    "requests", "urllib3", "fsspec"}
+
+
+def store_location(directory: str | os.PathLike) -> Path | str:
+    """A store's location: a local ``Path``, or the fsspec URL of a remote store (``s3://bucket/store``,
+    ``gs://...``, ``hf://...``; ``file://`` URLs are local paths). A URL that went through ``pathlib``
+    (which folds ``s3://b`` into ``s3:/b``) is restored, so callers that wrap a store setting in Path, or
+    print such a Path, still name the remote store."""
+    text = os.fspath(directory)
+    folded = re.fullmatch(r"([a-z][a-z0-9+.-]+):/([^/].*)", text)
+    if folded and folded[1] in _remote_protocols():
+        text = f"{folded[1]}://{folded[2]}"
+    protocol, rest = fsspec.core.split_protocol(text)
+    if protocol in (None, "file", "local"):
+        return Path(rest if protocol else text)
+    return text.rstrip("/")
+
+
+def _remote_protocols() -> set[str]:
+    return set(fsspec.available_protocols()) - {"file", "local"}
+
+
+def _open_files(directory: str | os.PathLike, storage_options: dict | None) -> _Local | _Remote:
+    where = store_location(directory)
+    return _Local(where) if isinstance(where, Path) else _Remote(where, storage_options)
+
+
+class _Local:
+    """A store directory on the local disk: each file written atomically (temporary file, fsync, rename)."""
+    remote = False
+
+    def __init__(self, where: Path):
+        self.where = where
+
+    def label(self, name: str) -> Path:
+        return self.where / name
+
+    def prepare(self) -> None:
+        self.where.mkdir(parents=True, exist_ok=True)
+
+    def exists(self, name: str) -> bool:
+        return (self.where / name).exists()
+
+    def read(self, name: str) -> bytes:
+        return (self.where / name).read_bytes()
+
+    def write(self, name: str, data: bytes | str) -> None:
+        atomic_write(self.where / name, data)
+
+    def size(self, name: str) -> int:
+        return (self.where / name).stat().st_size
+
+    def sha256(self, name: str) -> str:
+        return sha256_file(self.where / name)
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.where.iterdir()]
+
+    def delete(self, name: str) -> None:
+        (self.where / name).unlink()
+
+
+class _Remote:
+    """A store on an fsspec filesystem, in practice object storage (S3 and compatibles, GCS, the HF hub).
+
+    Every object is written whole by one call: on S3 and GCS one PUT (shards over 100 MiB a multipart
+    upload, which S3 also makes visible only once complete), so a reader or a resumed writer sees the old
+    object or the new one, never part of one. That is what the local temporary-file-and-rename gives,
+    so the manifest, written last and whole, is updated atomically here too. Options for the backend
+    (endpoint, credentials) come from ``storage_options`` or fsspec's ``FSSPEC_<PROTOCOL>_<OPTION>`` and
+    the backend's own environment variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...)."""
+    remote = True
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.where = url
+        protocol = fsspec.core.split_protocol(url)[0]
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except ImportError as err:
+            extra = _EXTRAS.get(protocol)
+            fix = f"pip install saekit[{extra}]" if extra else f"install fsspec's backend for {protocol}://"
+            raise UserError(f"{url}: {protocol}:// stores need a package that is not installed ({err}); "
+                            f"{fix}") from None
+        except ValueError as err:  # fsspec: "Protocol not known"
+            raise UserError(f"{url}: {err}; a store is a local path or an fsspec URL (s3://, gs://, hf://, "
+                            "...)") from None
+        self.root = root.rstrip("/")
+        # s3fs caches listings; another process (a killed harvest) may have written since they were made.
+        self.fs.invalidate_cache(self.root)
+
+    def label(self, name: str) -> str:
+        return f"{self.where}/{name}"
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def prepare(self) -> None:
+        """Nothing: object stores have no directories, and a missing bucket should be an error naming the
+        URL (at the first write), not a bucket made by accident."""
+
+    @contextmanager
+    def _errors(self, missing_is_error: bool = False):
+        """Backend failures (no such bucket, no credentials, no connection) as one-line StoreErrors naming
+        the URL; a missing object stays a FileNotFoundError for the caller to name, unless it is an error
+        here (a write into a missing bucket)."""
+        try:
+            yield
+        except FileNotFoundError as err:
+            if missing_is_error:
+                raise self._unreachable(err) from None
+            raise
+        except UserError:
+            raise
+        except Exception as err:
+            if isinstance(err, OSError) or type(err).__module__.split(".")[0] in _BACKEND_MODULES:
+                raise self._unreachable(err) from None
+            raise
+
+    def _unreachable(self, err: BaseException) -> StoreError:
+        detail = " ".join(f"{type(err).__name__}: {err}".split())
+        return StoreError(f"{self.where}: cannot use this store ({detail}); check the bucket, the credentials "
+                          "and the endpoint (AWS_ENDPOINT_URL or storage_options)")
+
+    def exists(self, name: str) -> bool:
+        with self._errors():
+            return self.fs.exists(self._path(name))
+
+    def read(self, name: str) -> bytes:
+        with self._errors():
+            return self.fs.cat_file(self._path(name))
+
+    def write(self, name: str, data: bytes | str) -> None:
+        with self._errors(missing_is_error=True):
+            self.fs.pipe_file(self._path(name), data.encode("utf-8") if isinstance(data, str) else data)
+
+    def size(self, name: str) -> int:
+        with self._errors():
+            return self.fs.size(self._path(name))
+
+    def sha256(self, name: str) -> str:
+        with self._errors(), self.fs.open(self._path(name), "rb") as f:
+            return sha256_stream(f)
+
+    def names(self) -> list[str]:
+        with self._errors():
+            try:
+                listed = self.fs.ls(self.root, detail=False, refresh=True)
+            except FileNotFoundError:  # nothing written under the prefix yet
+                return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in listed]
+
+    def delete(self, name: str) -> None:
+        with self._errors():
+            self.fs.rm_file(self._path(name))
 
 
 # ------------------------------------------------------------------------------------------- writer
@@ -136,12 +306,16 @@ class StoreWriter:
     Full shards are serialized, hashed and written on a background thread (one shard in flight at a
     time), so a GPU harvest keeps running its forward passes meanwhile. ``finish()`` (or ``close()``,
     or leaving a ``with`` block) waits for that write; only ``finish()`` marks the store complete.
+
+    ``directory`` may be an fsspec URL (``s3://bucket/store``; ``storage_options`` go to its filesystem):
+    shards and manifest are then objects, each written whole, the manifest last. There is no lock on
+    object storage: run one writer per store URL.
     """
 
     def __init__(self, directory: str | os.PathLike, meta: dict, config: dict, hooks: list[str],
                  d_model: int, dtype: str = "float32", shard_sequences: int = 256,
                  max_rows: int | None = None, *, tokenizer=None, context_size: int | None = None,
-                 keep_special_tokens: bool | None = None):
+                 keep_special_tokens: bool | None = None, storage_options: dict | None = None):
         meta = dict(meta)
         if tokenizer is not None:
             meta["tokenizer"] = tokenizer_meta(tokenizer)
@@ -154,7 +328,8 @@ class StoreWriter:
             raise ValueError("meta must give context_size")
         if shard_sequences < 1:
             raise ValueError("shard_sequences must be at least 1")
-        self.directory = Path(directory)
+        self._files = _open_files(directory, storage_options)
+        self.directory = self._files.where
         self.hooks = list(hooks)
         self.d_model = int(d_model)
         self.dtype = DTYPES[dtype]
@@ -171,15 +346,15 @@ class StoreWriter:
                          "n_rows": 0, "n_sequences": 0, "complete": False, "shards": []})
         self.manifest = manifest
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if (self.directory / MANIFEST).exists():
-            old = _read_manifest(self.directory)
+        self._files.prepare()
+        if self._files.exists(MANIFEST):
+            old = _read_manifest(self._files)
             self._check_same(old)
             for key in ("n_rows", "n_sequences", "complete", "shards"):
                 manifest[key] = old[key]
             self._check_listed_shards()
         self._discard_unlisted()
-        if not (self.directory / MANIFEST).exists():
+        if not self._files.exists(MANIFEST):
             self._write_manifest()
         self._reset_pending()
         # Main-thread counters; the manifest's own counters move only when a shard is on disk.
@@ -322,7 +497,7 @@ class StoreWriter:
         if n_seq:
             data = safetensors.torch.save(tensors, metadata={"format": "pt"})
             index = len(m["shards"])
-            atomic_write(self.directory / shard_name(index), data)
+            self._files.write(shard_name(index), data)
             m["shards"].append({
                 "file": shard_name(index), "n_rows": n_rows, "n_sequences": n_seq,
                 "first_sequence": m["n_sequences"], "first_row": m["n_rows"],
@@ -333,7 +508,7 @@ class StoreWriter:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        write_json(self.directory / MANIFEST, self.manifest, indent=1)
+        self._files.write(MANIFEST, json_text(self.manifest, indent=1))
 
     # ------------------------------------------------------------------------------------ resume
     @staticmethod
@@ -355,21 +530,22 @@ class StoreWriter:
     def _check_listed_shards(self) -> None:
         """Every listed shard is there, whole and unaltered (sha256, streamed) before anything is added:
         a resume never extends, nor marks complete, a store holding a damaged shard."""
+        files = self._files
         for shard in self.manifest["shards"]:
-            path = self.directory / shard["file"]
-            if not path.exists() or path.stat().st_size != shard["bytes"]:
+            name, path = shard["file"], files.label(shard["file"])
+            if not files.exists(name) or files.size(name) != shard["bytes"]:
                 raise CorruptShardError(f"{path}: listed in the manifest but missing or truncated; the "
                                         f"store cannot be resumed (delete the directory to start over)")
-            if sha256_file(path) != shard["sha256"]:
+            if files.sha256(name) != shard["sha256"]:
                 raise CorruptShardError(f"{path}: does not match its sha256 checksum in the manifest; the "
                                         "store cannot be resumed (delete the directory to start over)")
 
     def _discard_unlisted(self) -> None:
         """Delete our own temp files and shards the manifest does not list (a run killed mid-write)."""
         listed = {s["file"] for s in self.manifest["shards"]}
-        for path in self.directory.iterdir():
-            if _OWN_TMP.fullmatch(path.name) or (_SHARD.fullmatch(path.name) and path.name not in listed):
-                path.unlink()
+        for name in self._files.names():
+            if _OWN_TMP.fullmatch(name) or (_SHARD.fullmatch(name) and name not in listed):
+                self._files.delete(name)
 
 
 # ------------------------------------------------------------------------------------------- reader
@@ -379,15 +555,29 @@ class StoreReader:
     Every shard's sha256 is checked the first time this reader touches it (``verify=True``); a missing,
     truncated or altered file raises CorruptShardError naming it. Later reads of a checked shard use
     ``safe_open`` slices, reading only the bytes asked for.
+
+    A remote store (an fsspec URL, ``storage_options`` for its filesystem) is read a whole shard at a
+    time: fetched once, its size and sha256 checked, its tensors kept in a cache of about
+    ``cache_shards`` shards (least recently used out first) that reads slice from. ``prefetch`` fetches
+    the shards named next on background threads.
     """
 
-    def __init__(self, directory: str | os.PathLike, verify: bool = True):
-        self.directory = Path(directory)
-        if not (self.directory / MANIFEST).exists():
+    def __init__(self, directory: str | os.PathLike, verify: bool = True, *,
+                 storage_options: dict | None = None, cache_shards: int = 4):
+        self._files = _open_files(directory, storage_options)
+        self.directory = self._files.where
+        if not self._files.exists(MANIFEST):
             raise StoreError(f"{self.directory}: no {MANIFEST}; not an activation store")
-        self.manifest = _read_manifest(self.directory)
+        self.manifest = _read_manifest(self._files)
         self.verify = verify
         self._verified: set[int] = set()
+        # Remote reads: shard index -> Future of its tensors, least recently used first; the shards
+        # announced by prefetch() and not read yet, in order; fetch threads (made on first use).
+        self.cache_shards = max(1, int(cache_shards))
+        self._cache: OrderedDict[int, Future] = OrderedDict()
+        self._upcoming: list[int] = []
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
         m = self.manifest
         self.hooks: list[str] = m["hooks"]
         self.d_model: int = m["d_model"]
@@ -414,32 +604,40 @@ class StoreReader:
                 f"{len(self.shards)} shards{'' if self.complete else ', incomplete'})")
 
     # -------------------------------------------------------------------------------- shards
-    def shard_path(self, i: int) -> Path:
-        return self.directory / self.shards[i]["file"]
+    def shard_path(self, i: int) -> Path | str:
+        """Shard ``i``'s file: a Path, or for a remote store its URL."""
+        return self._files.label(self.shards[i]["file"])
 
-    def _load_verified(self, i: int) -> bytes:
+    def _load_verified(self, i: int, check_sha: bool = True) -> bytes:
         path, info = self.shard_path(i), self.shards[i]
+        name = info["file"]
         try:
-            data = path.read_bytes()
+            data = self._files.read(name)
         except FileNotFoundError:
-            raise CorruptShardError(f"shard {path.name} is missing ({path})") from None
+            raise CorruptShardError(f"shard {name} is missing ({path})") from None
         if len(data) != info["bytes"]:
-            raise CorruptShardError(f"shard {path.name} is truncated or resized: {len(data)} bytes, "
+            raise CorruptShardError(f"shard {name} is truncated or resized: {len(data)} bytes, "
                                     f"manifest says {info['bytes']} ({path})")
-        if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise CorruptShardError(f"shard {path.name} does not match its sha256 checksum ({path})")
-        self._verified.add(i)
+        if check_sha:
+            if hashlib.sha256(data).hexdigest() != info["sha256"]:
+                raise CorruptShardError(f"shard {name} does not match its sha256 checksum ({path})")
+            self._verified.add(i)
         return data
 
     def read_shard(self, i: int, hooks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """All tensors of shard ``i`` (activations only for ``hooks``, default all), checksum verified."""
         wanted = set(self.hooks if hooks is None else hooks)
         self._check_hooks(wanted)
-        tensors = safetensors.torch.load(self._load_verified(i))
+        if self._files.remote:
+            tensors = {k: v.clone() for k, v in self._tensors(i).items()}  # the cache's stay unaltered
+        else:
+            tensors = safetensors.torch.load(self._load_verified(i))
         return {k: v for k, v in tensors.items() if not k.startswith("acts.") or k[5:] in wanted}
 
     def shard_tensor(self, i: int, name: str, start: int | None = None, stop: int | None = None):
         """Rows ``start:stop`` of tensor ``name`` (e.g. ``acts.<hook>``, ``row_seq``) of shard ``i``."""
+        if self._files.remote:  # a copy: callers may change it in place, the cache's stays as verified
+            return self._tensors(i)[name][start:stop].clone()
         if self.verify and i not in self._verified:
             self._load_verified(i)
         path = self.shard_path(i)
@@ -447,6 +645,73 @@ class StoreReader:
             raise CorruptShardError(f"shard {path.name} is missing ({path})")
         with safe_open(path, "pt") as f:
             return f.get_slice(name)[start:stop]
+
+    # ---------------------------------------------------------------- remote: cache and prefetch
+    def prefetch(self, shard_ids) -> None:
+        """The shards about to be read, in reading order (repeats allowed). A remote store fetches and
+        verifies them on background threads while the cache has room, and goes on as they are read, so
+        downloads overlap the caller's compute. A local store ignores it (reads are slices of files the
+        OS caches)."""
+        if not self._files.remote:
+            return
+        with self._lock:
+            self._upcoming = [int(i) for i in shard_ids]
+            self._schedule()
+
+    def _tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Shard ``i``'s verified tensors, from the cache, from a prefetch in flight, or fetched here."""
+        with self._lock:
+            job = self._cache.get(i)
+            fetch_here = job is None
+            if fetch_here:
+                while len(self._cache) >= self.cache_shards and self._evict(keep_upcoming=False):
+                    pass
+                job = self._cache[i] = Future()
+            else:
+                self._cache.move_to_end(i)
+        if fetch_here:
+            try:
+                job.set_result(self._fetch(i))
+            except BaseException as err:
+                job.set_exception(err)
+        try:
+            tensors = job.result()
+        except BaseException:
+            with self._lock:  # not cached: a later read tries again
+                if self._cache.get(i) is job:
+                    del self._cache[i]
+            raise
+        with self._lock:
+            if i in self._upcoming:
+                self._upcoming.remove(i)  # its first announced read is this one
+            self._schedule()
+        return tensors
+
+    def _fetch(self, i: int) -> dict[str, torch.Tensor]:
+        return safetensors.torch.load(self._load_verified(i, check_sha=self.verify))
+
+    def _schedule(self) -> None:
+        """(lock held) Start fetching the upcoming shards, in order, while the cache has room or holds a
+        shard no longer announced."""
+        for i in dict.fromkeys(self._upcoming):
+            if i in self._cache:
+                continue
+            if len(self._cache) >= self.cache_shards and not self._evict(keep_upcoming=True):
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=min(4, self.cache_shards),
+                                                thread_name_prefix="saekit-fetch")
+            self._cache[i] = self._pool.submit(self._fetch, i)
+
+    def _evict(self, keep_upcoming: bool) -> bool:
+        """(lock held) Drop the least recently used fetched shard (not an upcoming one, with
+        ``keep_upcoming``); False when there is none to drop."""
+        wanted = set(self._upcoming) if keep_upcoming else set()
+        for i, job in self._cache.items():
+            if job.done() and i not in wanted:
+                del self._cache[i]
+                return True
+        return False
 
     def _check_hooks(self, hooks) -> None:
         unknown = set(hooks) - set(self.hooks)

@@ -62,6 +62,14 @@ def iter_texts(dataset: str, dataset_config: str | None = None, split: str = "tr
     yield from _column(ds, text_column, dataset)
 
 
+def texts_of(cfg) -> Iterator[str]:
+    """The documents a harvest-shaped config names: anything with HarvestConfig's ``dataset``,
+    ``dataset_config``, ``split``, ``text_column``, ``text_encoding`` and ``text_errors`` (duck-typed,
+    since data/ does not import the config)."""
+    return iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column, cfg.text_encoding,
+                      cfg.text_errors)
+
+
 def _column(records, text_column: str, where: str) -> Iterator[str]:
     """The non-empty strings of ``text_column``; a missing column is an error naming those present."""
     for record in records:

@@ -61,6 +61,13 @@ def special_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
     return torch.isin(ids, specials)
 
 
+def kept_positions(tokenizer, ids: torch.Tensor, keep_special_tokens: bool) -> torch.Tensor:
+    """Bool like ``ids``: the positions whose activations become rows (all, or all but special tokens)."""
+    if keep_special_tokens:
+        return torch.ones_like(ids, dtype=torch.bool)
+    return ~special_mask(tokenizer, ids)
+
+
 def iter_windows(tokenizer, texts: Iterable[str], context_size: int) -> Iterator[torch.Tensor]:
     """Yield packed windows, each a LongTensor[context_size] (see the module docstring)."""
     for block in _iter_window_blocks(tokenizer, texts, context_size):

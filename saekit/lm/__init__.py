@@ -3,7 +3,7 @@
 Nothing here imports from the rest of saekit except ``saekit.config`` (and its errors and schema):
 later stages build on it. A store's model is loaded from the store's manifest (a plain dict), so this
 package needs nothing of data/."""
-from saekit.lm.capture import BACKENDS, HFCapture, TLCapture, make_capture
+from saekit.lm.capture import BACKENDS, HFCapture, TLCapture, make_capture, open_capture
 from saekit.lm.hooks import (
     HOOK_KINDS,
     LAYOUTS,
@@ -29,6 +29,7 @@ __all__ = [
     "load_manifest_tokenizer",
     "make_capture",
     "mlp_hooks",
+    "open_capture",
     "splice",
     "splice_from",
     "unembedding",

@@ -17,7 +17,8 @@ from torch import nn
 
 from saekit.schema import check_choice
 from saekit.lm.hooks import UnknownHookError, attach, bridge_hook_name, hook_site, parse_hooks, valid_hook_names
-from saekit.lm.loading import LoadedLM
+from saekit.errors import ConfigError
+from saekit.lm.loading import LoadedLM, load_lm
 
 BACKENDS = ("hf", "transformer_lens")
 
@@ -30,6 +31,17 @@ def make_capture(lm: LoadedLM, hooks: list[str], backend: str = "hf"):
     """A callable ``(input_ids, attention_mask) -> {hook: Tensor[B, T, d_model]}``; close() it."""
     check_backend(backend)
     return HFCapture(lm, hooks) if backend == "hf" else TLCapture(lm, hooks)
+
+
+def open_capture(cfg, hooks: list[str] | None = None, where: str = "") -> tuple[LoadedLM, "_Capture"]:
+    """The model a HarvestConfig names (model, revision, model_dtype, device, backend) and a capture of
+    ``hooks`` (default ``cfg.hooks``) on it, once ``cfg.context_size`` is known to fit the model;
+    ``where`` prefixes the config keys named in errors (e.g. "data.harvest.")."""
+    lm = load_lm(cfg.model, revision=cfg.revision, dtype=cfg.model_dtype, device=cfg.device)
+    if cfg.context_size > lm.n_ctx:
+        raise ConfigError(f"config key '{where}context_size' ({cfg.context_size}) exceeds the model's "
+                          f"{lm.n_ctx} positions")
+    return lm, make_capture(lm, cfg.hooks if hooks is None else hooks, backend=cfg.backend)
 
 
 def position_ids_for(mask: torch.Tensor) -> torch.Tensor | None:

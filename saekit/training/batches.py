@@ -33,8 +33,10 @@ class BatchStream:
             self._it = iter(self.source)
         return self._it
 
-    def _pull(self) -> Tensor | tuple[Tensor, Tensor]:
+    def _pull(self) -> Tensor | tuple[Tensor, Tensor] | dict[str, Tensor]:
         batch = next(self._iter())
+        if isinstance(batch, dict) and all(isinstance(t, Tensor) and t.ndim == 2 for t in batch.values()):
+            return batch  # several hooks of the same rows (HookBatches)
         if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(
                 isinstance(t, Tensor) and t.ndim == 2 for t in batch) and len(batch[0]) == len(batch[1]):
             return tuple(batch)
@@ -80,8 +82,13 @@ class BatchStream:
         self.source.load_state_dict(state)
 
 
-def open_store(cfg: TrainConfig, rank: int, world_size: int, device=None):
-    """The store's shuffling loader for this rank: batch_tokens is global, split evenly over ranks."""
+def open_store(cfg: TrainConfig, rank: int, world_size: int, device=None, hooks: list[str] | None = None):
+    """The store's shuffling loader for this rank: batch_tokens is global, split evenly over ranks.
+    With ``hooks`` (several runs of one pass), a HookBatches reading all of them for the same rows."""
+    if cfg.data.source == "model":  # no store: captured from the model as training runs
+        from saekit.training.model_source import open_model_source
+
+        return open_model_source(cfg, rank, world_size, device, hooks=hooks)
     from saekit.data.loader import ActivationLoader
     from saekit.data.store import StoreReader, split_rows
 
@@ -95,8 +102,41 @@ def open_store(cfg: TrainConfig, rank: int, world_size: int, device=None):
                           f"(the store has {store.n_rows})")
     row_range, _ = split_rows(store.n_rows, data.heldout_tokens)
     on_gpu = device is not None and torch.device(device).type == "cuda"
-    return ActivationLoader(store, data.hook, data.batch_tokens // world_size,
-                            buffer_tokens=data.buffer_tokens, seed=data.seed, rank=rank,
-                            world_size=world_size, prefetch=data.prefetch_batches, row_range=row_range,
-                            device=device if on_gpu else None,  # pinned, non-blocking copies
-                            target_hook=data.target_hook)
+    loader = ActivationLoader(store, hooks[0] if hooks else data.hook, data.batch_tokens // world_size,
+                              buffer_tokens=data.buffer_tokens, seed=data.seed, rank=rank,
+                              world_size=world_size, prefetch=data.prefetch_batches, row_range=row_range,
+                              device=device if on_gpu else None,  # pinned, non-blocking copies
+                              target_hook=None if hooks else data.target_hook)
+    return HookBatches(loader, hooks) if hooks else loader
+
+
+def union_hooks(datas) -> list[str]:
+    """Every hook (and target hook) the runs of one pass read, in first-use order."""
+    hooks = [h for data in datas for h in (data.hook, data.target_hook) if h is not None]
+    return list(dict.fromkeys(hooks))
+
+
+class HookBatches:
+    """Batches ``{hook: [B, d]}`` of several hooks of the same store rows: the loader reads every hook
+    of ``hooks`` for each fill and shuffles them with one permutation (as it does for a transcoder's
+    pair), so each run of a pass sees exactly the batches it would see alone."""
+
+    def __init__(self, loader, hooks: list[str]):
+        missing = [h for h in hooks if h not in loader.store.hooks]
+        if missing:
+            raise ConfigError(f"{loader.store.directory}: hook {missing[0]!r} is not in this store; it has "
+                              f"{', '.join(loader.store.hooks)} (set data.hook / data.target_hook)")
+        loader.hooks = list(hooks)
+        self.loader, self.hooks = loader, list(hooks)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield dict(zip(self.hooks, batch if isinstance(batch, tuple) else (batch,)))
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        # The batch order does not depend on the hooks read, so a position saved by a run alone (with its
+        # own target_hook) is a position here too.
+        self.loader.load_state_dict({**state, "target_hook": self.loader.target_hook})

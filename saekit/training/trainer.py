@@ -8,6 +8,15 @@
         loss.png        loss, FVU and L0 against tokens
         wandb/          the W&B run, when cfg.wandb
 
+``train_many(cfgs, data=None) -> [run_dir, ...]`` trains several runs from one pass over the data
+(a sweep over kinds, widths, k, ... and/or several hooks of one store): each batch is read, shuffled and
+moved to the device once, then fed to every run (a ``Trainer``: its own model, optimizer, schedule,
+dead tracker, tracker, checkpoints and run directory). ``train`` is its one-run case. Runs share every
+``data`` key except ``hook`` / ``target_hook`` (the store's loader reads the union of their hooks).
+Resume is exact from any kill, even between two runs' checkpoint writes: the stream restarts at the
+oldest run's position and the runs ahead skip the batches they already took. Under torchrun with
+several runs, run i trains on rank i % world_size from whole batches, without DDP.
+
 Gradient-trained models take Adam steps on ``forward(x).loss`` (transcoders, with ``data.target_hook``:
 ``forward(x, target).loss``, and the logged FVU is the prediction's against the target); closed-form models
 (``Autoencoder.closed_form``, e.g. PCA) get ``fit_stream(batches)`` once instead.
@@ -19,7 +28,7 @@ import json
 import math
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -31,9 +40,9 @@ from saekit.config import TrainConfig, resolve_device
 from saekit.errors import ConfigError, UserError
 from saekit.files import directory_lock, read_json, write_json
 from saekit.metrics import FiringStats, Metrics, ReconstructionStats
-from saekit.schema import config_diff, to_dict
+from saekit.schema import config_diff, from_dict, to_dict
 from saekit.training import checkpoint, distributed
-from saekit.training.batches import BatchStream, open_store
+from saekit.training.batches import BatchStream, open_store, union_hooks
 from saekit.training.data_stats import decoder_bias, input_scale
 from saekit.training.dead_latents import DeadTracker
 from saekit.training.schedule import base_lr, dead_after_tokens, lr_factor, sparsity_scale
@@ -60,6 +69,45 @@ def train(cfg: TrainConfig, data=None) -> Path:
     return Trainer(cfg, data).run()
 
 
+# Data keys each run of one pass may set for itself; every other data key (and the device) is shared.
+OWN_DATA_KEYS = ("hook", "target_hook")
+
+
+def train_many(cfgs: list[TrainConfig], data=None) -> list[Path]:
+    """Train (or resume, or finish) several runs from one pass over the data; returns their run
+    directories in order. Finished runs are skipped; closed-form runs (PCA) are fitted one by one
+    after the others. ``data`` as for train(): every run gets every batch of it."""
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise ConfigError("train_many: no runs given")
+    check_shared(cfgs)
+    return OnePass([Trainer(cfg) for cfg in cfgs], data).run()
+
+
+def check_shared(cfgs: list[TrainConfig]) -> None:
+    """The runs of one pass read the same batches: the data keys (but hook, target_hook) and the
+    device must agree, and each needs its own run directory."""
+    first = cfgs[0]
+    keys = [f"data.{f.name}" for f in dataclasses.fields(first.data) if f.name not in OWN_DATA_KEYS]
+    for cfg in cfgs[1:]:
+        for key in keys + ["device"]:
+            a, b = _get(first, key), _get(cfg, key)
+            if a != b:
+                raise ConfigError(f"config key '{key}' differs between runs trained in one pass ({first.out}: "
+                                  f"{a!r}, {cfg.out}: {b!r}); they read the same batches, so set it once for all "
+                                  "of them, or train them separately")
+    outs = [Path(cfg.out).resolve() for cfg in cfgs]
+    twice = sorted({str(o) for o in outs if outs.count(o) > 1})
+    if twice:
+        raise ConfigError(f"config key 'out' is {twice[0]} for two runs trained in one pass; give each its own")
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
     """Refuse a run directory that holds a run with another config, naming the differing keys. A
     directory with no checkpoint and no model holds no run yet (e.g. a start that failed on a bad
@@ -67,11 +115,21 @@ def check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
     path = run_dir / "config.json"
     if not path.exists() or not (checkpoint.find(run_dir) or (run_dir / "model").exists()):
         return
-    diff = config_diff(read_json(path), json.loads(json.dumps(to_dict(cfg))), DISPLAY_KEYS)
+    diff = config_diff(_with_defaults(read_json(path)), json.loads(json.dumps(to_dict(cfg))), DISPLAY_KEYS)
     if diff:
         detail = ", ".join(f"{k} ({was!r} -> {now!r})" for k, was, now in diff)
         raise ConfigError(f"{run_dir} already holds a run with a different config; differing keys: "
                           f"{detail}. Use another `out` directory, or delete this one to start over.")
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A run's saved config.json with the keys added to TrainConfig since it was written set to their
+    defaults (what the run used), so a newer saekit still resumes or skips it. A saved config that
+    no longer reads (a key since removed) is compared as it is, and the diff names the key."""
+    try:
+        return json.loads(json.dumps(to_dict(from_dict(TrainConfig, saved))))
+    except (ConfigError, TypeError, ValueError):
+        return saved
 
 
 def param_groups(model: Autoencoder) -> list[dict]:
@@ -100,39 +158,51 @@ def _wrap_ddp(model: Autoencoder, device: torch.device):
 
 
 class Trainer:
+    """One run of a pass: its model, optimizer, schedule, dead tracker, metric windows, tracker, run
+    directory and checkpoints. ``OnePass`` feeds it batches; ``run()`` trains it alone."""
+
     def __init__(self, cfg: TrainConfig, data=None):
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
-        device = resolve_device(cfg.device)
-        self.dist = distributed.setup(device)
-        if device.type == "cuda" and self.dist.enabled:
-            device = torch.device("cuda", self.dist.local_rank)
-        self.device = device
-        # bf16 autocast over fp32 master weights: by default on CUDA only (on CPU it is slower).
-        self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
         self.data = data
         self.step = self.tokens = 0
         self.history: list[list[float]] = []
         self.tracker: Tracker | None = None
         self.metrics: dict[str, float] = {}  # the last logged training metrics
         self._unchecked = None  # the last step whose loss has not been checked for inf/nan yet
+        self.closed_form = registry()[cfg.model.kind].model.closed_form
+        self.skip = 0  # batches of the stream this run already trained on (it is ahead of the oldest run)
+        self.rng = None  # (cpu, cuda) torch RNG states while other runs share the process (own_rng)
+        self.swap_rng = False
+        self.done = False
 
-    # ------------------------------------------------------------------------------------- driver
     def run(self) -> Path:
-        failed = True
-        # Rank 0 holds the run directory's lock: a second training into it is refused with our PID.
-        lock = directory_lock(self.run_dir, "train") if self.dist.is_main else nullcontext()
-        try:
-            with lock:
-                out = self._run()
-            failed = False
-            return out
-        finally:
-            if self.tracker is not None:
-                self.tracker.close(failed)
-            distributed.teardown(self.dist)
+        return OnePass([self], self.data).run()[0]
 
-    def _run(self) -> Path:
+    def attach(self, device: torch.device, dist: distributed.Dist, swap_rng: bool) -> None:
+        self.device, self.dist, self.swap_rng = device, dist, swap_rng
+        # bf16 autocast over fp32 master weights: by default on CUDA only (on CPU it is slower).
+        cfg = self.cfg
+        self.autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+
+    @contextmanager
+    def own_rng(self):
+        """This run's torch RNG stream, so runs sharing a process draw exactly what they would alone."""
+        if not self.swap_rng:
+            yield
+            return
+        if self.rng is not None:
+            torch.set_rng_state(self.rng[0])
+            if self.rng[1] is not None:
+                torch.cuda.set_rng_state(self.rng[1])
+        try:
+            yield
+        finally:
+            self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if self.device.type == "cuda" else None)
+
+    # ------------------------------------------------------------------------------ run directory
+    def open_dir(self) -> bool:
+        """Check and claim the run directory and read its checkpoint; False if the run is finished."""
         cfg, d = self.cfg, self.dist
         check_run_dir(self.run_dir, cfg)
         finished = (self.run_dir / "metrics.json").exists() and (self.run_dir / "model").exists()
@@ -140,35 +210,39 @@ class Trainer:
         if finished:
             if d.is_main:
                 print(f"saekit: {self.run_dir} is already trained; nothing to do")
-            return self.run_dir
+            self.done = True
+            return False
         if d.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", to_dict(cfg))
+        self.ckpt = checkpoint.find(self.run_dir)
+        self.meta, self.tensors = checkpoint.load_trainer(self.ckpt) if self.ckpt else (None, None)
+        return True
 
-        ckpt = checkpoint.find(self.run_dir)
-        meta, tensors = checkpoint.load_trainer(ckpt) if ckpt else (None, None)
-        source = self.data
-        if source is None:
-            source = open_store(cfg, d.rank, d.world_size, self.device)
-        self.stream = BatchStream(source)
-        if self.data is not None and not self.stream.resumable and cfg.checkpoint_every_tokens and not meta:
-            warnings.warn("training from a plain iterable: checkpoints save the model and optimizer but "
-                          "not the data position, so a resumed run will not see the same data",
-                          stacklevel=3)
-        if meta is None:
-            model, sample = self._init_model()
-        else:
-            model, sample = Autoencoder.load(ckpt / "model", self.device), None
-        self.model = model
-        model.use_kernels(cfg.kernels)
-        if model.closed_form:
-            return self._fit_closed_form(model, sample)
-        return self._train_gradient(model, ckpt, meta, tensors)
+    @property
+    def position(self) -> int:
+        """Batches of the stream this run has trained on: one per step (on every rank)."""
+        return self.meta["step"] if self.meta else 0
+
+    def start(self, stream: BatchStream, pick, move) -> None:
+        """Build (from the first batches) or load the model; ``pick(batch)`` takes this run's tensors
+        out of a stream batch, ``move(batch)`` puts them on the device."""
+        self.stream, self._pick, self._move = stream, pick, move
+        with self.own_rng():
+            if self.meta is None:
+                model, self.sample = self._init_model()
+            else:
+                model, self.sample = Autoencoder.load(self.ckpt / "model", self.device), None
+            self.model = model
+            model.use_kernels(self.cfg.kernels)
+            if not self.closed_form:
+                self.sample = None  # only the closed-form fit scores on it; the stream still holds them
+                self._setup_gradient()
 
     # ---------------------------------------------------------------------------- initialization
     def _init_model(self) -> tuple[Autoencoder, list]:
         cfg, d = self.cfg, self.dist
-        first = self.stream.peek(1)
+        first = [self._pick(b) for b in self.stream.peek(1)]
         if not first:
             raise UserError("the training data is empty (no batch of data.batch_tokens rows); harvest more "
                             "tokens or lower data.batch_tokens")
@@ -181,7 +255,7 @@ class Trainer:
                             "reconstructs its input; pass [batch, d] tensors or use a transcoder")
         batch_tokens = (first[0][0] if pairs else first[0]).shape[0] * d.world_size
         n_batches = max(1, math.ceil(min(INIT_SAMPLE_TOKENS, cfg.total_tokens) / batch_tokens))
-        batches = self.stream.peek(n_batches)
+        batches = [self._pick(b) for b in self.stream.peek(n_batches)]
 
         def gathered(part: list[Tensor], what: str) -> Tensor:
             local = torch.cat(part).to(self.device, torch.float32)
@@ -219,16 +293,26 @@ class Trainer:
         try:
             batch = next(self.stream)
         except StopIteration:
-            warnings.warn(f"the training data ran out after {self.tokens} of {self.cfg.total_tokens} "
-                          "tokens; finishing early", stacklevel=2)
+            self.ran_out()
             return None
-        x, y = batch if isinstance(batch, tuple) else (batch, None)
-        x = x.to(self.device, torch.float32, non_blocking=True)
-        return x, (y.to(self.device, torch.float32, non_blocking=True) if y is not None else None)
+        return self.own(self._move(batch))
+
+    def own(self, batch) -> tuple[Tensor, Tensor | None]:
+        """(inputs, targets or None): this run's tensors of a stream batch."""
+        batch = self._pick(batch)
+        return batch if isinstance(batch, tuple) else (batch, None)
+
+    def ran_out(self) -> None:
+        warnings.warn(f"the training data ran out after {self.tokens} of {self.cfg.total_tokens} "
+                      f"tokens{self._named}; finishing early", stacklevel=3)
+
+    @property
+    def _named(self) -> str:
+        return f" of {self.run_dir}" if self.swap_rng else ""
 
     # ------------------------------------------------------------------------------- closed form
-    def _fit_closed_form(self, model: Autoencoder, sample: list[Tensor]) -> Path:
-        cfg = self.cfg
+    def fit_closed_form(self) -> Path:
+        cfg, model, sample = self.cfg, self.model, self.sample
         if self.dist.enabled:
             raise UserError(f"'{cfg.model.kind}' is fitted in closed form in one process; "
                             "run it without torchrun")
@@ -251,7 +335,7 @@ class Trainer:
         metrics = Metrics(model.n_latents)
         with torch.no_grad():
             for x in sample:  # the first training batches: a quick sanity number, not a held-out score
-                x = x.to(self.device, torch.float32)
+                x = (x[0] if isinstance(x, tuple) else x).to(self.device, torch.float32)
                 metrics.update(x, model(x))
         summary = metrics.compute()
         summary["metrics_tokens"] = summary.pop("tokens")
@@ -260,12 +344,12 @@ class Trainer:
         self.tracker.summary(summary)
         model.save(self.run_dir / "model")
         write_json(self.run_dir / "metrics.json", summary)  # last: marks the run finished
+        self.done = True
         return self.run_dir
 
     # ---------------------------------------------------------------------------------- gradient
-    def _train_gradient(self, model: Autoencoder, ckpt: Path | None, meta: dict | None,
-                        tensors: dict | None) -> Path:
-        cfg, d = self.cfg, self.dist
+    def _setup_gradient(self) -> None:
+        cfg, d, model, meta = self.cfg, self.dist, self.model, self.meta
         model.train()
         self.base_lr = base_lr(cfg)
         self.dead_after_tokens = dead_after_tokens(cfg)
@@ -280,7 +364,7 @@ class Trainer:
         self.dead = DeadTracker(model.n_latents, self.device)
         self.density = FiringStats(model.n_latents)  # feature density over ~dead_window_tokens
         if meta is not None:
-            self._restore(ckpt, meta, tensors)
+            self._restore(self.ckpt, meta, self.tensors)
         self._reset_window()
 
         wrapped = _wrap_ddp(model, self.device) if d.enabled else model
@@ -288,28 +372,43 @@ class Trainer:
         self.tracker = Tracker(cfg, self.run_dir, self.tokens, active=d.is_main,
                                wandb_id=meta.get("wandb_id") if meta else None)
 
-        every = cfg.checkpoint_every_tokens
-        start, start_tokens = time.perf_counter(), self.tokens
-        while self.tokens < cfg.total_tokens:
-            batch = self._next_batch()
-            if batch is None:
-                break
+        self.start_time, self.start_tokens = time.perf_counter(), self.tokens
+
+    @property
+    def wants_data(self) -> bool:
+        return self.tokens < self.cfg.total_tokens
+
+    def feed(self, batch) -> None:
+        """One training step on this run's part of ``batch`` (on the device), unless the run already
+        took this batch before a resume (``skip``)."""
+        if self.skip:
+            self.skip -= 1
+            return
+        cfg = self.cfg
+        with self.own_rng():
             before = self.tokens
-            x, target = batch
+            x, target = self.own(batch)
             self._step(x) if target is None else self._step(x, target)
             self.tracker.advance(self.tokens - before)
             if cfg.log_every_steps > 0 and self.step % cfg.log_every_steps == 0:
-                self._log(time.perf_counter() - start, self.tokens - start_tokens)
+                self._log(time.perf_counter() - self.start_time, self.tokens - self.start_tokens)
+            every = cfg.checkpoint_every_tokens
             if every > 0 and self.tokens // every > before // every and self.tokens < cfg.total_tokens:
                 self._save_checkpoint()
-        self._check_finite(self._unchecked)
-        elapsed = time.perf_counter() - start
-        if self.window_steps:
-            self._log(elapsed, self.tokens - start_tokens, final=True)
-        self._save_checkpoint()
-        if d.is_main:
-            self._write_outputs(elapsed, self.tokens - start_tokens)
+
+    def finish(self) -> Path:
+        """The final log, checkpoint and outputs (metrics.json last: it marks the run finished)."""
+        d = self.dist
+        with self.own_rng():
+            self._check_finite(self._unchecked)
+            elapsed = time.perf_counter() - self.start_time
+            if self.window_steps:
+                self._log(elapsed, self.tokens - self.start_tokens, final=True)
+            self._save_checkpoint()
+            if d.is_main:
+                self._write_outputs(elapsed, self.tokens - self.start_tokens)
         distributed.barrier(d)
+        self.done = True
         return self.run_dir
 
     def _step(self, x: Tensor, target: Tensor | None = None) -> None:
@@ -472,3 +571,125 @@ class Trainer:
         torch.set_rng_state(tensors[f"rng_cpu.{d.rank}"])
         if f"rng_cuda.{d.rank}" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors[f"rng_cuda.{d.rank}"])
+
+
+class OnePass:
+    """Trains ``members`` (Trainers) from one stream of batches: each batch is read and moved to the
+    device once, then fed to every member that still wants data, in order."""
+
+    def __init__(self, members: list[Trainer], data=None):
+        self.members, self.data = members, data
+
+    def run(self) -> list[Path]:
+        device = resolve_device(self.members[0].cfg.device)
+        d = distributed.setup(device)
+        try:
+            if device.type == "cuda" and d.enabled:
+                device = torch.device("cuda", d.local_rank)
+            # Several runs under torchrun: dealt to ranks, each trained whole on its rank (no DDP, whole
+            # batches). One run: data parallel over the ranks, as always.
+            deal = d.enabled and len(self.members) > 1
+            mine = [m for i, m in enumerate(self.members) if not deal or i % d.world_size == d.rank]
+            local = distributed.Dist() if deal else d
+            for m in mine:
+                m.attach(device, local, swap_rng=len(mine) > 1)
+            gradient = [m for m in mine if not m.closed_form]
+            groups = ([gradient] if gradient else []) + [[m] for m in mine if m.closed_form]
+            failed: list[str] = []
+            for group in groups:
+                failed += self._run_group(group, device)
+            if failed:
+                raise NonFiniteLossError(f"{len(failed)} of {len(mine)} runs stopped on a non-finite loss "
+                                         f"(the others finished): " + "; ".join(failed))
+        finally:
+            distributed.teardown(d)
+        return [m.run_dir for m in self.members]
+
+    def _run_group(self, group: list[Trainer], device: torch.device) -> list[str]:
+        """Train one group from one stream; returns the errors of members that diverged (when the
+        group has several: the others go on)."""
+        with ExitStack() as stack:
+            for m in group:  # the run dir's lock: a second training into it is refused with our PID
+                if m.dist.is_main:
+                    stack.enter_context(directory_lock(m.run_dir, "train"))
+            try:
+                todo = [m for m in group if m.open_dir()]
+                if not todo:
+                    return []
+                return self._train(todo, device)
+            finally:
+                for m in group:
+                    if m.tracker is not None:
+                        m.tracker.close(not m.done)
+
+    def _train(self, todo: list[Trainer], device: torch.device) -> list[str]:
+        d = todo[0].dist
+        stream, pick = self._open_stream(todo, d, device)
+        # Exact resume: restart at the oldest member's position; members ahead skip what they took.
+        oldest = min(todo, key=lambda m: m.position)
+        if oldest.meta is not None:
+            stream.load_state_dict(oldest.meta["data_state"][d.rank])
+        for m in todo:
+            m.skip = m.position - oldest.position
+        if self.data is not None and not stream.resumable and not any(m.meta for m in todo) and any(
+                m.cfg.checkpoint_every_tokens for m in todo):
+            warnings.warn("training from a plain iterable: checkpoints save the model and optimizer but "
+                          "not the data position, so a resumed run will not see the same data", stacklevel=4)
+
+        def move(batch):
+            return _each(lambda t: t.to(device, torch.float32, non_blocking=True), batch)
+
+        for m in todo:
+            m.start(stream, lambda batch, m=m: pick(m, batch), move)
+        if todo[0].closed_form:
+            todo[0].fit_closed_form()
+            return []
+        active, failed = [], []
+        for m in todo:  # a kill between a run's last checkpoint and its outputs leaves nothing to train
+            m.finish() if not m.wants_data else active.append(m)
+        while active:
+            try:
+                batch = move(next(stream))
+            except StopIteration:
+                for m in active:
+                    m.ran_out()
+                    m.finish()
+                break
+            for m in list(active):
+                try:
+                    m.feed(batch)
+                except NonFiniteLossError as err:
+                    if len(todo) == 1:
+                        raise
+                    warnings.warn(f"{m.run_dir}: {err}; the other runs go on", stacklevel=2)
+                    failed.append(f"{m.run_dir}: {err}")
+                    active.remove(m)
+                    continue
+                if not m.wants_data:
+                    m.finish()
+                    active.remove(m)
+        return failed
+
+    def _open_stream(self, todo: list[Trainer], d: distributed.Dist, device: torch.device):
+        """The shared BatchStream, and ``pick(member, batch)`` taking a member's tensors out of a batch."""
+        if self.data is not None:
+            return BatchStream(self.data), lambda m, batch: batch
+        if len(self.members) == 1:  # exactly the single run's loader (and checkpointed state)
+            return BatchStream(open_store(todo[0].cfg, d.rank, d.world_size, device)), lambda m, batch: batch
+        hooks = union_hooks([m.cfg.data for m in todo])
+        source = open_store(todo[0].cfg, d.rank, d.world_size, device, hooks=hooks)
+
+        def pick(m: Trainer, batch):
+            if not isinstance(batch, dict):
+                return batch
+            data = m.cfg.data
+            return batch[data.hook] if data.target_hook is None else (batch[data.hook], batch[data.target_hook])
+
+        return BatchStream(source), pick
+
+
+def _each(fn, batch):
+    """``fn`` applied to every tensor of a batch: a tensor, a pair, or a dict of hooks."""
+    if isinstance(batch, dict):
+        return {k: fn(t) for k, t in batch.items()}
+    return tuple(fn(t) for t in batch) if isinstance(batch, tuple) else fn(batch)
