@@ -1,6 +1,10 @@
 """Latent-sharded TopK SAE: a dictionary too wide for one device, split by latents across ranks.
 
-    torchrun --nproc_per_node 8 -m saekit train cfg.yaml        (proposed key: shard_latents: true)
+    model = ShardedTopK.from_full(TopKSAE(d, cfg), dist)   # under torchrun, on every rank
+
+Not yet wired into the trainer (the plan: ``shard_latents: true`` under ``torchrun``, every rank fed the
+same batches, no DDP, fire counts not all-reduced, per-rank optimizer checkpoints); until then it is
+the Python API below, tested against one process in tests/test_training_sharded.py.
 
 Rank r of W holds the contiguous slice [r·n/W, (r+1)·n/W) of the latents: those columns of W_enc,
 entries of b_enc and rows of W_dec; b_dec and input_scale are replicated. Unlike DDP, every rank sees
