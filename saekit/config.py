@@ -166,6 +166,9 @@ class TrainConfig(Section):
     device: str = device_field()
     autocast: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on CUDA
     compile: bool = False
+    # Under torchrun: split a TopK dictionary's latents across the ranks (training/sharded.py) instead
+    # of splitting the data; every rank reads the same batches.
+    shard_latents: bool = False
     wandb: bool = False
     wandb_project: str = "saekit"
     log_every_steps: int = value(10, ge=0)  # 0: only at the end
@@ -180,6 +183,9 @@ class TrainConfig(Section):
         from saekit.autoencoders.base import registry
 
         kind = self.model.kind
+        if self.shard_latents and kind != "topk":
+            raise FieldError("shard_latents", f"splits a TopK dictionary across ranks; model.kind is '{kind}' "
+                             "(set model.kind topk, or drop shard_latents)")
         predicts = registry()[kind].model.predicts_target
         if self.data.target_hook is not None and not predicts:
             raise FieldError("data.target_hook", f"is set ({self.data.target_hook!r}), but kind '{kind}' "

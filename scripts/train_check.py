@@ -190,6 +190,8 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.1, help="input dropout of the toy model")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--kind", default=TOY_KIND, help="any registered kind (default: the toy model here)")
+    p.add_argument("--shard-latents", action="store_true",
+                   help="split the latents over the torchrun ranks (topk); every rank reads whole batches")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     register()
@@ -200,6 +202,9 @@ def main() -> None:
     cfg = toy_config(args.out, args.total_tokens, args.batch, args.checkpoint_every, kind=args.kind)
     if args.kind == TOY_KIND:
         cfg.model.noise_level = args.noise
+    if args.shard_latents:
+        cfg.shard_latents = True
+        rank, world = 0, 1  # model parallel: the same batches on every rank
     data = SyntheticBatches(batch=args.batch, rank=rank, world_size=world, kill_at=args.kill_at_batch)
     train(cfg, data=data)
 

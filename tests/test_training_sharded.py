@@ -1,4 +1,5 @@
 """Latent-sharded TopK: two gloo CPU processes, each holding half the latents, equal one process."""
+import json
 import os
 import shutil
 import subprocess
@@ -78,3 +79,47 @@ def test_shard_holds_its_slice():
     assert torch.equal(shard.W_enc, model.W_enc[:, 16:32]) and torch.equal(shard.W_dec, model.W_dec[16:32])
     assert torch.equal(shard.b_enc, model.b_enc[16:32]) and torch.equal(shard.b_dec, model.b_dec)
     assert shard.W_enc.is_contiguous()
+
+
+TRAIN_CHECK = ROOT / "scripts" / "train_check.py"
+# 16 steps of 64 tokens, checkpoints every 8 steps; TopK k 4 of 48 latents, some of them dead (AuxK).
+TRAIN_ARGS = ["--kind", "topk", "--batch", "64", "--total-tokens", "1024", "--checkpoint-every", "512"]
+
+
+def _train(out: Path, *extra: str, sharded: bool = True, ok: bool = True) -> None:
+    """train_check.py with TRAIN_ARGS, then ``extra`` (later flags win)."""
+    cmd = [*TORCHRUN, str(TRAIN_CHECK), "--shard-latents"] if sharded else [sys.executable, str(TRAIN_CHECK)]
+    done = subprocess.run([*cmd, "--out", str(out), *TRAIN_ARGS, *extra], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (done.returncode == 0) == ok, done.stderr[-3000:]
+
+
+def test_saekit_train_with_shard_latents_matches_one_process_and_resumes(tmp_path):
+    """The trainer with shard_latents under torchrun (2 gloo ranks, each half the latents, both reading
+    every batch) ends where one process ends, saves a plain TopK model, and a run killed after its first
+    checkpoint resumes (each rank reloading the whole model's slice and its own Adam state) to the same
+    weights as the uninterrupted sharded run."""
+    single, sharded, resumed = tmp_path / "single", tmp_path / "sharded", tmp_path / "resumed"
+    _train(single, sharded=False)
+    _train(sharded)
+    ckpt = sharded / "checkpoint"
+    assert (ckpt / "optimizer.rank0.safetensors").exists() and (ckpt / "optimizer.rank1.safetensors").exists()
+    a = load_file(str(single / "model" / "model.safetensors"))
+    b = load_file(str(sharded / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:  # same up to float summation order (the decode summed over ranks, the clip norm)
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
+    assert type(Autoencoder.load(sharded / "model")) is TopKSAE
+
+    # Longer, so that batches are fetched after the init sample (the first 64): killed when batch 70 is
+    # fetched, after a checkpoint and before the end (80 steps), and resumed.
+    longer = ["--batch", "256", "--total-tokens", "20480", "--checkpoint-every", "2560"]
+    full = tmp_path / "full"
+    _train(full, *longer)
+    _train(resumed, *longer, "--kill-at-batch", "70", ok=False)
+    assert not (resumed / "model").exists()
+    assert 0 < json.loads((resumed / "checkpoint" / "trainer.json").read_text())["step"] < 80
+    _train(resumed, *longer)
+    b, c = (load_file(str(p / "model" / "model.safetensors")) for p in (full, resumed))
+    for key in b:
+        assert torch.equal(b[key], c[key]), key

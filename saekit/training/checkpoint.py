@@ -4,6 +4,7 @@
         model/                  model.save(): model.safetensors + config.json
         optimizer.safetensors   every tensor of the optimizer state, keyed "state.<param>.<name>"
         optimizer.json          the rest: param_groups and non-tensor state entries
+                                (a latent-sharded run: optimizer.rankR.safetensors/.json, one per rank)
         trainer.safetensors     dead-latent tracker, per-rank torch RNG states (uint8), loss history,
                                 per-rank model step state (step_state.RANK.NAME)
         trainer.json            step, tokens, per-rank data-loader states, world size, wandb id, ...
@@ -51,8 +52,10 @@ def find(run_dir: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------- optimizer
-def save_optimizer(directory: Path, optimizer: torch.optim.Optimizer) -> None:
-    state = optimizer.state_dict()
+def save_optimizer(directory: Path, optimizer: torch.optim.Optimizer | dict, file: str = "optimizer") -> None:
+    """``file``.safetensors + ``file``.json from an optimizer or its ``state_dict()`` (a latent-sharded
+    run writes one pair per rank: optimizer.rank0, ...)."""
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, entries in state["state"].items():
         for name, value in entries.items():
@@ -60,14 +63,14 @@ def save_optimizer(directory: Path, optimizer: torch.optim.Optimizer) -> None:
                 tensors[f"state.{pid}.{name}"] = value
             else:
                 scalars.setdefault(str(pid), {})[name] = value
-    write_tensors(directory / "optimizer.safetensors", tensors)
-    write_json(directory / "optimizer.json", {"param_groups": state["param_groups"], "state": scalars})
+    write_tensors(directory / f"{file}.safetensors", tensors)
+    write_json(directory / f"{file}.json", {"param_groups": state["param_groups"], "state": scalars})
 
 
-def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer) -> None:
-    meta = json.loads((directory / "optimizer.json").read_text())
+def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer, file: str = "optimizer") -> None:
+    meta = json.loads((directory / f"{file}.json").read_text())
     state: dict[int, dict[str, Any]] = {}
-    for key, tensor in load_file(str(directory / "optimizer.safetensors")).items():
+    for key, tensor in load_file(str(directory / f"{file}.safetensors")).items():
         _, pid, name = key.split(".", 2)
         state.setdefault(int(pid), {})[name] = tensor
     for pid, entries in meta["state"].items():

@@ -32,6 +32,19 @@ class Dist:
         return self.world_size > 1
 
 
+@dataclass
+class RankView(Dist):
+    """One rank of a latent-sharded run (``shard_latents``) seen as a job of its own: every rank holds
+    the whole data path (world size 1: whole batches, rank 0's slots for data and RNG states, nothing
+    all-reduced), while the model talks to the other ranks itself; only the real main rank writes."""
+
+    main: bool = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.main
+
+
 def setup(device: torch.device) -> Dist:
     """Join the torchrun process group if WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
     if dist.is_available() and dist.is_initialized():

@@ -1,10 +1,12 @@
 """Latent-sharded TopK SAE: a dictionary too wide for one device, split by latents across ranks.
 
-    model = ShardedTopK.from_full(TopKSAE(d, cfg), dist)   # under torchrun, on every rank
+    torchrun --nproc_per_node 8 -m saekit.cli train cfg.yaml --shard_latents true
+    model = ShardedTopK.from_full(TopKSAE(d, cfg), dist)   # from Python, on every rank
 
-Not yet wired into the trainer (the plan: ``shard_latents: true`` under ``torchrun``, every rank fed the
-same batches, no DDP, fire counts not all-reduced, per-rank optimizer checkpoints); until then it is
-the Python API below, tested against one process in tests/test_training_sharded.py.
+In the trainer (``shard_latents``): every rank builds or loads the same whole model and keeps its slice,
+reads every batch (``distributed.RankView``: no data split, nothing all-reduced but what the model
+exchanges), and rank 0 writes checkpoints (the whole model gathered, each rank's Adam state in its own
+optimizer.rankR file) and the final model, a plain TopK model.
 
 Rank r of W holds the contiguous slice [r·n/W, (r+1)·n/W) of the latents: those columns of W_enc,
 entries of b_enc and rows of W_dec; b_dec and input_scale are replicated. Unlike DDP, every rank sees
@@ -177,6 +179,12 @@ class ShardedTopK(nn.Module):
 
     def lr_scales(self) -> dict[str, float]:
         return {}
+
+    def step_state(self) -> dict[str, Tensor]:
+        return {}  # TopK's step takes one path whatever happened before
+
+    def load_step_state(self, state: dict[str, Tensor]) -> None:
+        pass
 
     def before_optimizer_step(self) -> None:
         remove_parallel_grad_(self.W_dec)  # row-wise, so the shard's rows are all it needs

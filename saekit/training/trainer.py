@@ -46,6 +46,7 @@ from saekit.training.batches import BatchStream, open_store, union_hooks
 from saekit.training.data_stats import decoder_bias, input_scale
 from saekit.training.dead_latents import DeadTracker
 from saekit.training.schedule import base_lr, dead_after_tokens, lr_factor, sparsity_scale
+from saekit.training.sharded import ShardedTopK
 from saekit.training.tracking import Tracker, plot_history
 
 INIT_SAMPLE_TOKENS = 16_384  # tokens (over all ranks) used to set the input scale and decoder bias
@@ -175,6 +176,7 @@ class Trainer:
         self.rng = None  # (cpu, cuda) torch RNG states while other runs share the process (own_rng)
         self.swap_rng = False
         self.done = False
+        self.shard: distributed.Dist | None = None  # the real ranks of a latent-sharded run (shard_latents)
 
     def run(self) -> Path:
         return OnePass([self], self.data).run()[0]
@@ -233,8 +235,10 @@ class Trainer:
                 model, self.sample = self._init_model()
             else:
                 model, self.sample = Autoencoder.load(self.ckpt / "model", self.device), None
-            self.model = model
             model.use_kernels(self.cfg.kernels)
+            if self.shard is not None:  # every rank built or loaded the same whole model: keep its slice
+                model = ShardedTopK.from_full(model, self.shard)
+            self.model = model
             if not self.closed_form:
                 self.sample = None  # only the closed-form fit scores on it; the stream still holds them
                 self._setup_gradient()
@@ -405,8 +409,9 @@ class Trainer:
             if self.window_steps:
                 self._log(elapsed, self.tokens - self.start_tokens, final=True)
             self._save_checkpoint()
+            whole = self.whole_model()
             if d.is_main:
-                self._write_outputs(elapsed, self.tokens - self.start_tokens)
+                self._write_outputs(elapsed, self.tokens - self.start_tokens, whole)
         distributed.barrier(d)
         self.done = True
         return self.run_dir
@@ -428,7 +433,10 @@ class Trainer:
         loss.backward()
         model.before_optimizer_step()  # gradients are already all-reduced by DDP here
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if self.shard is not None:  # the norm over every rank's shard
+                model.clip_grad_norm_(cfg.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         model.after_optimizer_step()
 
@@ -502,8 +510,13 @@ class Trainer:
         self.tracker.log(self.step, metrics, histogram)
         self._reset_window()
 
-    def _write_outputs(self, elapsed: float, session_tokens: int) -> None:
-        self.model.save(self.run_dir / "model")
+    def whole_model(self) -> Autoencoder | None:
+        """The model to save: a latent-sharded run's shards gathered on the main rank (every rank calls
+        this; None elsewhere), else the model itself."""
+        return self.model.to_full() if self.shard is not None else self.model
+
+    def _write_outputs(self, elapsed: float, session_tokens: int, whole: Autoencoder) -> None:
+        whole.save(self.run_dir / "model")
         summary = {**self.metrics, "step": self.step, "tokens": self.tokens,
                    "tokens_per_s": session_tokens / max(elapsed, 1e-9), "elapsed_s": elapsed,
                    "kind": self.cfg.model.kind, "n_latents": self.model.n_latents, "d_in": self.model.d_in,
@@ -521,6 +534,10 @@ class Trainer:
         cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
         rng_states = distributed.gather_objects((torch.get_rng_state(), cuda_rng), d)
         step_states = distributed.gather_objects({k: v.cpu() for k, v in self.model.step_state().items()}, d)
+        whole = self.whole_model()
+        # A latent-sharded run: every rank's Adam state for its shard, written by the main rank.
+        shard_optimizers = (distributed.gather_objects(self.optimizer.state_dict(), self.shard)
+                            if self.shard is not None else None)
         if d.is_main:
             density = self.density.fire_counts
             tensors = {
@@ -539,21 +556,28 @@ class Trainer:
                     "data_state": data_states, "wandb_id": self.tracker.wandb_id if self.tracker else None,
                     "density_tokens": self.density.n, "density_nonzero": int(self.density.nonzero or 0),
                     "history_columns": HISTORY_COLUMNS, "kind": self.cfg.model.kind,
-                    "metrics": self.metrics}
+                    "metrics": self.metrics, "shard_ranks": self.shard.world_size if self.shard else 1}
 
             def write(directory: Path) -> None:
-                self.model.save(directory / "model")
-                checkpoint.save_optimizer(directory, self.optimizer)
+                whole.save(directory / "model")
+                if shard_optimizers is None:
+                    checkpoint.save_optimizer(directory, self.optimizer)
+                for rank, state in enumerate(shard_optimizers or []):
+                    checkpoint.save_optimizer(directory, state, f"optimizer.rank{rank}")
                 checkpoint.save_trainer(directory, meta, tensors)
 
             checkpoint.save(self.run_dir, write)
-        distributed.barrier(d)
+        distributed.barrier(self.shard or d)
 
     def _restore(self, ckpt: Path, meta: dict, tensors: dict[str, Tensor]) -> None:
         d = self.dist
         if meta["world_size"] != d.world_size:
             raise UserError(f"{ckpt} was written by {meta['world_size']} processes; resume it with the "
                              f"same number (this run has {d.world_size})")
+        ranks = self.shard.world_size if self.shard else 1
+        if meta.get("shard_ranks", 1) != ranks:
+            raise UserError(f"{ckpt} was written by a run with its latents split over {meta.get('shard_ranks', 1)} "
+                            f"ranks; resume it with the same number and shard_latents (this run: {ranks})")
         self.step, self.tokens = meta["step"], meta["tokens"]
         self.history = tensors["history"].tolist()
         self.metrics = meta.get("metrics", {})
@@ -565,7 +589,8 @@ class Trainer:
                                     meta["density_tokens"])
         prefix = f"step_state.{d.rank}."
         self.model.load_step_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        checkpoint.load_optimizer(ckpt, self.optimizer)
+        checkpoint.load_optimizer(ckpt, self.optimizer,
+                                  f"optimizer.rank{self.shard.rank}" if self.shard else "optimizer")
         self.stream.load_state_dict(meta["data_state"][d.rank])
         # Last: loading the model above drew random numbers (its fresh init before the weights landed).
         torch.set_rng_state(tensors[f"rng_cpu.{d.rank}"])
@@ -588,9 +613,16 @@ class OnePass:
                 device = torch.device("cuda", d.local_rank)
             # Several runs under torchrun: dealt to ranks, each trained whole on its rank (no DDP, whole
             # batches). One run: data parallel over the ranks, as always.
+            shard = d.enabled and any(m.cfg.shard_latents for m in self.members)
+            if shard and len(self.members) > 1:
+                raise ConfigError("shard_latents splits one run's latents over the ranks; train the runs of "
+                                  "a sweep one by one with it, or without it (then the ranks share the runs)")
             deal = d.enabled and len(self.members) > 1
             mine = [m for i, m in enumerate(self.members) if not deal or i % d.world_size == d.rank]
             local = distributed.Dist() if deal else d
+            if shard:
+                local = distributed.RankView(main=d.is_main)
+                mine[0].shard = d
             for m in mine:
                 m.attach(device, local, swap_rng=len(mine) > 1)
             gradient = [m for m in mine if not m.closed_form]
@@ -598,6 +630,7 @@ class OnePass:
             failed: list[str] = []
             for group in groups:
                 failed += self._run_group(group, device)
+            distributed.barrier(d)  # no rank tears the group down while another still writes or talks
             if failed:
                 raise NonFiniteLossError(f"{len(failed)} of {len(mine)} runs stopped on a non-finite loss "
                                          f"(the others finished): " + "; ".join(failed))
