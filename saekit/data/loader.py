@@ -37,6 +37,14 @@ def _each(fn, batch):
     return tuple(fn(t) for t in batch) if isinstance(batch, tuple) else fn(batch)
 
 
+def check_layout(state: dict, layout: dict, what: str) -> None:
+    """A saved position means the same batches only under the same layout (seed, sizes, ranks, ...):
+    a ValueError naming every setting that differs."""
+    diffs = [f"{k}: {state.get(k)!r} (saved) != {v!r} (now)" for k, v in layout.items() if state.get(k) != v]
+    if diffs:
+        raise ValueError(f"{what} state was saved with a different batch order: " + "; ".join(diffs))
+
+
 class ActivationLoader:
     """Iterate float32 ``[batch_size, d]`` batches of ``hook`` forever, or for ``epochs`` epochs; with
     ``target_hook``, pairs ``(x [batch_size, d], y [batch_size, d_target])`` of the same store rows.
@@ -113,10 +121,7 @@ class ActivationLoader:
         return {"epoch": self.epoch, "batch": self._batch, **self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        diffs = [f"{k}: {state.get(k)!r} (saved) != {v!r} (now)" for k, v in self._layout().items()
-                 if state.get(k) != v]
-        if diffs:
-            raise ValueError("loader state was saved with a different batch order: " + "; ".join(diffs))
+        check_layout(state, self._layout(), "loader")
         self.epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     # ---------------------------------------------------------------------------- producing

@@ -85,17 +85,17 @@ class BatchStream:
 def open_store(cfg: TrainConfig, rank: int, world_size: int, device=None, hooks: list[str] | None = None):
     """The store's shuffling loader for this rank: batch_tokens is global, split evenly over ranks.
     With ``hooks`` (several runs of one pass), a HookBatches reading all of them for the same rows."""
-    if cfg.data.source == "model":  # no store: captured from the model as training runs
+    data = cfg.data
+    if data.batch_tokens % world_size:
+        raise ConfigError(f"config key 'data.batch_tokens' ({data.batch_tokens}) is not divisible by the world "
+                          f"size {world_size}")
+    if data.source == "model":  # no store: captured from the model as training runs
         from saekit.training.model_source import open_model_source
 
         return open_model_source(cfg, rank, world_size, device, hooks=hooks)
     from saekit.data.loader import ActivationLoader
     from saekit.data.store import StoreReader, split_rows
 
-    data = cfg.data
-    if data.batch_tokens % world_size:
-        raise ConfigError(f"config key 'data.batch_tokens' ({data.batch_tokens}) is not divisible by the world "
-                          f"size {world_size}")
     store = StoreReader(data.store)
     if data.heldout_tokens >= store.n_rows:
         raise ConfigError(f"config key 'data.heldout_tokens' ({data.heldout_tokens}) leaves no training rows "

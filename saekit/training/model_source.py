@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from saekit.config import CaptureConfig, TrainConfig, resolve_dtype
+from saekit.data.loader import check_layout
 from saekit.data.text import texts_of
 from saekit.data.tokens import iter_window_batches, kept_positions
-from saekit.errors import ConfigError, UserError
+from saekit.errors import UserError
 from saekit.lm import open_capture
 
 
@@ -70,10 +71,7 @@ class ModelSource:
                 "forward_batch": self.start[0], "row": self.start[1], **self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        diffs = [f"{k}: {state.get(k)!r} (saved) != {v!r} (now)" for k, v in self._layout().items()
-                 if state.get(k) != v]
-        if diffs:
-            raise ValueError("model-source state was saved with a different batch order: " + "; ".join(diffs))
+        check_layout(state, self._layout(), "model-source")
         self.epoch, self.chunk, self.batch = int(state["epoch"]), int(state["chunk"]), int(state["batch"])
         self.start = (int(state["forward_batch"]), int(state["row"]))
 
@@ -166,12 +164,10 @@ class ModelSource:
 def open_model_source(cfg: TrainConfig, rank: int, world_size: int, device=None,
                       hooks: list[str] | None = None) -> ModelSource:
     """This rank's ModelSource for ``cfg`` (data.source: model): batch_tokens is global, split evenly
-    over ranks; ``harvest.device: auto`` captures on the trainer's device (each rank's own GPU). With
-    ``hooks`` (several runs of one pass), batches are ``{hook: tensor}`` of all of them."""
+    over ranks (open_store has checked that it divides); ``harvest.device: auto`` captures on the
+    trainer's device (each rank's own GPU). With ``hooks`` (several runs of one pass), batches are
+    ``{hook: tensor}`` of all of them."""
     data = cfg.data
-    if data.batch_tokens % world_size:
-        raise ConfigError(f"config key 'data.batch_tokens' ({data.batch_tokens}) is not divisible by the world "
-                          f"size {world_size}")
     harvest = data.harvest
     if harvest.device == "auto" and device is not None:
         harvest = dataclasses.replace(harvest, device=str(device))

@@ -126,7 +126,7 @@ class ShardedTopK(nn.Module):
         self.d_in, self.cfg, self.dist = d_in, cfg, dist
         self.lo, self.hi = shard_range(cfg.n_latents, dist)
         self.kernels = KernelOptions()
-        self.W_enc = nn.Parameter(W_enc_DN.contiguous())  # contiguous: fused Adam needs it (trainer.py)
+        self.W_enc = nn.Parameter(W_enc_DN.contiguous())
         self.b_enc = nn.Parameter(b_enc_N.contiguous())
         self.W_dec = nn.Parameter(W_dec_ND.contiguous())
         self.b_dec = nn.Parameter(b_dec_D.contiguous())
