@@ -39,6 +39,7 @@ import torch
 
 from saekit.autoencoders import REGISTRY, AutoencoderConfig, KernelOptions, build
 from saekit.autoencoders.kernels import keep_freed_memory, resolve_topk_method
+from saekit.training.optimizer import make_adam
 
 
 # Issue 6's H100 goals (tokens/s) for the two named shapes (d, n, k, batch): 6x and 5x SAELens.
@@ -94,8 +95,7 @@ class Stepper:
         self.model.set_dead_mask(dead)
         self.forward = torch.compile(self.model) if compile else self.model
         self.x, self.autocast_dtype = x, autocast_dtype
-        fused = {"fused": True} if x.device.type in ("cpu", "cuda") else {}
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4, **fused)
+        self.opt = make_adam(self.model, 1e-4, (0.9, 0.999), x.device)  # the trainer's optimizer
 
     def step(self) -> float:
         device = self.x.device

@@ -17,6 +17,7 @@ from saekit.training import NonFiniteLossError, default_lr, train
 from saekit.training import trainer as trainer_module
 from saekit.training.data_stats import geometric_median, input_scale
 from saekit.training.dead_latents import DeadTracker
+from saekit.training.optimizer import param_groups
 from saekit.training.schedule import base_lr, lr_factor, sparsity_scale
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +63,12 @@ def test_param_groups_carry_the_model_lr_scales():
     from saekit.autoencoders import AutoencoderConfig
 
     model = build(AutoencoderConfig.for_kind("jumprelu", n_latents=16, threshold_lr_scale=10.0), 8)
-    groups = trainer_module.param_groups(model)
+    groups = param_groups(model)
     scales = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     assert scales[id(model.log_threshold)] == 10.0 and scales[id(model.W_enc)] == 1.0
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     topk = build(AutoencoderConfig.for_kind("topk", n_latents=16, k=2), 8)
-    assert [g["lr_scale"] for g in trainer_module.param_groups(topk)] == [1.0]
+    assert [g["lr_scale"] for g in param_groups(topk)] == [1.0]
 
 
 def test_input_scale_and_geometric_median():

@@ -112,11 +112,16 @@ def test_topk_trains_alike_compiled_and_on_triton_kernels(tmp_path, variant):
         torch.testing.assert_close(runs[variant][key], want, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_loaded_optimizer_state_takes_the_parameter_layout_fused_adam_needs(tmp_path):
+@pytest.mark.parametrize("adam", ["torch", "layout"])
+def test_loaded_optimizer_state_takes_the_parameter_layout_fused_adam_needs(tmp_path, adam):
     """An SAE's W_enc is a transposed view ([n, d] memory). Fused Adam pairs a parameter, its gradient
     and its moments in memory order, so moments loaded from a checkpoint (contiguous in the file) must
-    take the parameter's strides: then steps after a save/load equal the uninterrupted ones exactly."""
+    take the parameter's strides: then steps after a save/load equal the uninterrupted ones exactly
+    (torch's Adam and the trainer's LayoutAdam alike)."""
     from saekit.training import checkpoint
+    from saekit.training.optimizer import LayoutAdam
+
+    Adam = LayoutAdam if adam == "layout" else torch.optim.Adam
 
     generator = torch.Generator().manual_seed(0)
     start = torch.randn(32, 16, generator=generator)
@@ -129,7 +134,7 @@ def test_loaded_optimizer_state_takes_the_parameter_layout_fused_adam_needs(tmp_
             optimizer.step()
 
     full = torch.nn.Parameter(start.T.clone())  # strides (1, 16), like W_enc
-    opt = torch.optim.Adam([full], lr=0.1, fused=True)
+    opt = Adam([full], lr=0.1, fused=True)
     stepped(full, opt, range(3))
     checkpoint.save_optimizer(tmp_path, opt)
     saved = full.detach().clone()
@@ -138,8 +143,35 @@ def test_loaded_optimizer_state_takes_the_parameter_layout_fused_adam_needs(tmp_
     resumed = torch.nn.Parameter(start.T.clone())
     with torch.no_grad():
         resumed.copy_(saved)  # what load_state_dict does: values into the fresh model's layout
-    opt2 = torch.optim.Adam([resumed], lr=0.1, fused=True)
+    opt2 = Adam([resumed], lr=0.1, fused=True)
     checkpoint.load_optimizer(tmp_path, opt2)
     assert opt2.state[resumed]["exp_avg"].stride() == resumed.stride()
     stepped(resumed, opt2, range(3, 6))
     assert torch.equal(resumed.detach(), full.detach())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_layout_adam_steps_a_transposed_parameter_exactly_as_adam_steps_its_contiguous_copy(fused):
+    """The trainer's LayoutAdam hands the kernel a transposed parameter (W_enc) as its contiguous
+    transpose, with its gradient and moments: the update must be bit-identical to torch's Adam on a
+    contiguous copy, moments included, and agree with Adam written out in float64."""
+    from saekit.training.optimizer import LayoutAdam
+
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(24, 8, generator=g)  # [n, d] memory
+    grads = [torch.randn(8, 24, generator=g) for _ in range(5)]
+    view = torch.nn.Parameter(start.T.clone())  # [d, n], strides (1, 8)
+    plain = torch.nn.Parameter(start.T.contiguous())
+    opts = [LayoutAdam([view], lr=0.05, fused=fused), torch.optim.Adam([plain], lr=0.05, fused=fused)]
+    m = v = torch.zeros(8, 24, dtype=torch.float64)
+    ref = start.T.double()
+    for t, grad in enumerate(grads, 1):
+        for param, opt in zip((view, plain), opts):
+            param.grad = grad.clone().T.contiguous().T if param is view else grad.clone()
+            opt.step()
+        m, v = 0.9 * m + 0.1 * grad.double(), 0.999 * v + 0.001 * grad.double() ** 2
+        ref = ref - 0.05 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+    assert view.stride() == (1, 8) and torch.equal(view.detach(), plain.detach())
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opts[0].state[view][name], opts[1].state[plain][name])
+    torch.testing.assert_close(view.detach().double(), ref, rtol=1e-5, atol=1e-6)
