@@ -88,6 +88,24 @@ def test_latent_major_matmul_equals_dense():
     _close(LatentMajor(idx, N).matmul(vals, dense), G.T @ dense, "G.T @ dense")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_latent_major_matmul_zeroes_unselected_rows_whatever_memory_held(dtype):
+    # On the CPU the product writes into uninitialized memory (MKL's CSR product with beta 0): rows no
+    # token selected must still come out exact zeros, selected ones the dense product.
+    pre = torch.randn(B, N, dtype=F64)
+    pre[:, 5] = -100  # latent 5: selected by no token
+    idx, vals = select_topk(pre, K)
+    vals = vals.abs() + 0.5
+    dense = torch.randn(B, D, dtype=F64)
+    want = torch.zeros(B, N, dtype=F64).scatter(1, idx, vals).T @ dense
+    for _ in range(3):  # freed NaN-filled blocks of the result's size, for the allocator to hand back
+        del_me = torch.full((N, D), float("nan"), dtype=dtype)
+        del del_me
+    got = LatentMajor(idx, N).matmul(vals.to(dtype), dense.to(dtype))
+    assert got.dtype == dtype and torch.equal(got[5], torch.zeros(D, dtype=dtype))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_gather_dots_equals_dense():
     idx, _ = select_topk(torch.randn(B, N, dtype=F64), K)
     g, W = torch.randn(B, D, dtype=F64), torch.randn(N, D, dtype=F64)
@@ -160,6 +178,8 @@ def test_fast_topk_sae_matches_naive(n_dead, aux_path, chunk, topk, monkeypatch)
         else:
             assert r.ehat_BD is None
         loss.backward()
+        # AuxK's rows reach W_dec as a sparse gradient; what the optimizer gets is one dense tensor.
+        assert all(t.grad.layout == torch.strided for t in p.values())
         outs = [x_hat, r.vals_BK] + ([r.ehat_BD] if n_dead else [])
         results.append(outs + [t.grad.clone() for t in p.values()])
     for a, b in zip(*results):
