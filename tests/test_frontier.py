@@ -26,8 +26,9 @@ def batch(seed=5):
 
 
 # ---------------------------------------------------------------------------------- Matryoshka
-def test_matryoshka_loss_is_the_sum_of_prefix_losses_one_by_one():
-    model = randomized("matryoshka", k=K, group_sizes=[4, 4, 8, 16]).train()
+@pytest.mark.parametrize("weights", [None, [4.0, 2.0, 1.0, 2.0]])
+def test_matryoshka_loss_is_the_sum_of_prefix_losses_one_by_one(weights):
+    model = randomized("matryoshka", k=K, group_sizes=[4, 4, 8, 16], group_weights=weights).train()
     x = batch()
     out = model(x)
     x_n = x * 0.7
@@ -43,7 +44,8 @@ def test_matryoshka_loss_is_the_sum_of_prefix_losses_one_by_one():
         x_hat = (code * mask) @ model.W_dec + model.b_dec
         per_prefix.append((x_n - x_hat).pow(2).sum(-1).mean())
     torch.testing.assert_close(out.losses["mse"], per_prefix[-1])
-    torch.testing.assert_close(out.losses["prefix_mse"], sum(per_prefix[:-1]))
+    relative = [w / weights[-1] for w in weights[:-1]] if weights else [1.0] * 3  # the full prefix's stays 1
+    torch.testing.assert_close(out.losses["prefix_mse"], sum(w * p for w, p in zip(relative, per_prefix)))
     torch.testing.assert_close(out.x_hat, ((code @ model.W_dec + model.b_dec) / 0.7))
 
 
@@ -76,6 +78,7 @@ def test_matryoshka_prefix_gradients_reach_early_latents_more():
     (dict(group_fractions=[0.5, 0.25]), "'group_fractions' sum to 0.75, not 1"),
     (dict(group_sizes=[8, 8]), "'group_sizes' sum to 16, not n_latents"),
     (dict(group_fractions=[0.001, 0.999]), "empty group"),
+    (dict(group_weights=[1.0, 1.0]), "'group_weights' give 2 weights for 4 groups"),
     (dict(k=0), "'k' must be >= 1"),
 ])
 def test_matryoshka_config_is_checked(fields, message):
