@@ -237,14 +237,15 @@ class SharedLayout:
     def __init__(self):
         self.layout: LatentMajor | None = None
 
-    def get(self, idx_BK: Tensor, n: int) -> LatentMajor:
+    def get(self, make) -> LatentMajor:
+        """The layout, made by ``make()`` the first time."""
         if self.layout is None:
-            self.layout = LatentMajor(idx_BK, n)
+            self.layout = make()
         return self.layout
 
 
 def _layout(shared: SharedLayout | None, idx_BK: Tensor, n: int) -> LatentMajor:
-    return shared.get(idx_BK, n) if shared is not None else LatentMajor(idx_BK, n)
+    return shared.get(lambda: LatentMajor(idx_BK, n)) if shared is not None else LatentMajor(idx_BK, n)
 
 
 def gather_dots(idx_BK: Tensor, g_BD: Tensor, W_ND: Tensor, backend: str = "torch") -> Tensor:

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saekit.autoencoders.kernels import (LatentMajor, Resolved, SAEWeights, _csr, _pre_buffer,
+from saekit.autoencoders.kernels import (LatentMajor, Resolved, SAEWeights, SharedLayout, _csr, _pre_buffer,
                                          add_dead_column_grads, auxk_decode, chunk_rows)
 
 SPARSE_MAX_DENSITY = 0.08  # fraction of [B, n] in the pattern above which the dense step is faster
@@ -81,8 +81,11 @@ def csr_from_rows(row: Tensor, col: Tensor, n_rows: int) -> Csr:
     return Csr(crow, col, row)
 
 
-def latent_major(p: Csr, n: int) -> LatentMajor:
-    """The transpose layout of ``p`` (row j of the result lists the tokens holding latent j)."""
+def latent_major(p: Csr, n: int, shared: SharedLayout | None = None) -> LatentMajor:
+    """The transpose layout of ``p`` (row j of the result lists the tokens holding latent j); with
+    ``shared``, the one the encoder and decoder backward of the same pattern both use."""
+    if shared is not None:
+        return shared.get(lambda: latent_major(p, n))
     lm = LatentMajor.__new__(LatentMajor)
     lm.order = torch.argsort(p.col, stable=True)
     lm.tokens = p.row[lm.order]
@@ -232,7 +235,8 @@ def _batch_topk(x_c_BD, W_enc_DN, b_enc_N, rule: Rule, cols_M, chunk) -> Selecti
 # ------------------------------------------------------------------------------- the sparse encoder
 class _SparseEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, theta_N, rule: Rule, cols_M: Tensor, chunk: int):
+    def forward(ctx, x_BD, b_dec_D, W_enc_DN, b_enc_N, theta_N, rule: Rule, cols_M: Tensor, chunk: int,
+                shared: SharedLayout | None):
         x_c_BD = x_BD - b_dec_D
         s = select(x_c_BD, W_enc_DN, b_enc_N, theta_N, rule, cols_M, chunk)
         probe = s.probe if s.probe is not None else Csr(*(torch.zeros(n, dtype=torch.int64, device=x_BD.device)
@@ -241,7 +245,7 @@ class _SparseEncode(torch.autograd.Function):
         theta = theta_N if theta_N is not None else W_enc_DN.new_zeros(0)
         ctx.save_for_backward(x_c_BD, W_enc_DN, *s.p, s.vals_E, *probe, probe_pre, theta, cols_M)
         ctx.eps, ctx.jump = rule.eps, rule.kind == "jumprelu"
-        ctx.device_type = x_BD.device.type
+        ctx.device_type, ctx.shared = x_BD.device.type, shared
         ctx.set_materialize_grads(False)
         l0_B = s.p.crow.diff().to(W_enc_DN.dtype)
         probe_zeros = probe_pre.new_zeros(probe_pre.shape)
@@ -262,14 +266,15 @@ class _SparseEncode(torch.autograd.Function):
         dtype = W_enc_DN.dtype
         p = Csr(crow, col, row)
         g_x_BD = x_c_BD.new_zeros(x_c_BD.shape, dtype=dtype) if ctx.needs_input_grad[0] else None
-        g_W_enc_ND = x_c_BD.new_zeros(N, D, dtype=dtype)
         g_b_enc_N = x_c_BD.new_zeros(N, dtype=dtype)
         if g_vals_E is not None and col.numel():
             g_E = g_vals_E.to(dtype)  # every kept entry has pre > 0 (> theta): the local derivative is 1
-            g_W_enc_ND = latent_major(p, N).matmul(g_E, x_c_BD)
+            g_W_enc_ND = latent_major(p, N, ctx.shared).matmul(g_E, x_c_BD)
             g_b_enc_N.index_add_(0, col, g_E)
             if g_x_BD is not None:
                 g_x_BD += csr_decode(p, g_E, W_enc_DN.T.contiguous())
+        else:
+            g_W_enc_ND = x_c_BD.new_zeros(N, D, dtype=dtype)
         add_dead_column_grads(g_pre_BM, cols_M, x_c_BD, W_enc_DN, g_W_enc_ND, g_b_enc_N, g_x_BD)
         g_theta_N = None
         if ctx.jump and ctx.needs_input_grad[4]:
@@ -294,7 +299,7 @@ class _SparseEncode(torch.autograd.Function):
             g_theta_N.index_add_(0, col, part_E).index_add_(0, p_col, part_P)
         # pre = (x - b_dec) @ W_enc + b_enc: the b_dec gradient is -W_enc @ (the b_enc gradient).
         g_b_dec_D = -(W_enc_DN @ g_b_enc_N) if ctx.needs_input_grad[1] else None
-        return g_x_BD, g_b_dec_D, g_W_enc_ND.T, g_b_enc_N, g_theta_N, None, None, None
+        return g_x_BD, g_b_dec_D, g_W_enc_ND.T, g_b_enc_N, g_theta_N, None, None, None, None
 
 
 class Encoded(NamedTuple):
@@ -308,13 +313,14 @@ class Encoded(NamedTuple):
 
 
 def sparse_encode(x_BD: Tensor, w: SAEWeights, rule: Rule, theta_N: Tensor | None = None,
-                  cols_M: Tensor | None = None, chunk: int = 0) -> Encoded:
+                  cols_M: Tensor | None = None, chunk: int = 0, shared: SharedLayout | None = None) -> Encoded:
     """The code of pre = (x - b_dec) @ W_enc + b_enc selected by ``rule``, as CSR by token, with the
-    sparse backward. ``theta_N``: JumpReLU's thresholds (gradients by its pseudo-derivatives)."""
+    sparse backward. ``theta_N``: JumpReLU's thresholds (gradients by its pseudo-derivatives);
+    ``shared``: the latent-major layout the decoder of this pattern uses too."""
     if cols_M is None:
         cols_M = torch.zeros(0, dtype=torch.long, device=x_BD.device)
     with torch.autocast(x_BD.device.type, enabled=False):
-        out = _SparseEncode.apply(x_BD, w.b_dec_D, w.W_enc_DN, w.b_enc_N, theta_N, rule, cols_M, chunk)
+        out = _SparseEncode.apply(x_BD, w.b_dec_D, w.W_enc_DN, w.b_enc_N, theta_N, rule, cols_M, chunk, shared)
     vals, probe_zeros, l0_B, pre_BM, crow, col, row, p_crow, p_col, p_row, low = out
     probe = Csr(p_crow, p_col, p_row) if rule.kind == "jumprelu" else None
     return Encoded(Csr(crow, col, row), vals, probe, probe_zeros if probe is not None else None, l0_B,
@@ -324,9 +330,9 @@ def sparse_encode(x_BD: Tensor, w: SAEWeights, rule: Rule, theta_N: Tensor | Non
 # ------------------------------------------------------------------------------- the sparse decoder
 class _CsrDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, crow, col, row, vals_E, W_dec_ND, p_crow, p_col, p_row, probe_P):
+    def forward(ctx, crow, col, row, vals_E, W_dec_ND, p_crow, p_col, p_row, probe_P, shared):
         ctx.save_for_backward(crow, col, row, vals_E, W_dec_ND, p_crow, p_col, p_row)
-        ctx.has_probe = probe_P is not None
+        ctx.has_probe, ctx.shared = probe_P is not None, shared
         return csr_decode(Csr(crow, col, row), vals_E, W_dec_ND)  # probe entries are zeros: no part
 
     @staticmethod
@@ -338,22 +344,23 @@ class _CsrDecode(torch.autograd.Function):
             g_vals = csr_dots(p, g_RD, W_dec_ND).to(vals_E.dtype) if ctx.needs_input_grad[3] else None
             g_W = None
             if ctx.needs_input_grad[4]:
-                g_W = (latent_major(p, W_dec_ND.shape[0]).matmul(vals_E.to(g_RD.dtype), g_RD)
+                g_W = (latent_major(p, W_dec_ND.shape[0], ctx.shared).matmul(vals_E.to(g_RD.dtype), g_RD)
                        if col.numel() else torch.zeros_like(W_dec_ND))
             g_probe = None
             if ctx.has_probe and ctx.needs_input_grad[8]:
                 g_probe = csr_dots(Csr(p_crow, p_col, p_row), g_RD, W_dec_ND)
-            return None, None, None, g_vals, g_W, None, None, None, g_probe
+            return None, None, None, g_vals, g_W, None, None, None, g_probe, None
 
 
 def sparse_decode_csr(p: Csr, vals_E: Tensor, W_dec_ND: Tensor, probe: Csr | None = None,
-                      probe_zeros_P: Tensor | None = None) -> Tensor:
+                      probe_zeros_P: Tensor | None = None, shared: SharedLayout | None = None) -> Tensor:
     """[R, d] = per row, sum of vals * W_dec rows (no bias), with an O(E·d) backward. ``probe``
-    entries add nothing (value 0) but get their gradient, the sampled dot with W_dec."""
+    entries add nothing (value 0) but get their gradient, the sampled dot with W_dec; ``shared``, the
+    layout the encoder of the same pattern uses."""
     empty = p.crow.new_zeros(0)
     pc = probe if probe is not None else Csr(p.crow.new_zeros(1), empty, empty)
     with torch.autocast(p.col.device.type, enabled=False):
-        return _CsrDecode.apply(*p, vals_E, W_dec_ND, *pc, probe_zeros_P)
+        return _CsrDecode.apply(*p, vals_E, W_dec_ND, *pc, probe_zeros_P, shared)
 
 
 # ------------------------------------------------------------------------------- the family steps
@@ -379,13 +386,14 @@ def sparse_sae(x_BD: Tensor, w: SAEWeights, rule: Rule, opts: Resolved, theta_N:
                dead_M: Tensor | None = None, auxk_k: int = 0, group_ends: list[int] | None = None) -> SparseResult:
     """One sparse step: encode by ``rule``, decode (Matryoshka: per group), AuxK over ``dead_M``."""
     use_aux = dead_M is not None and dead_M.numel() > 0
-    enc = sparse_encode(x_BD, w, rule, theta_N, dead_M if use_aux else None, opts.chunk_tokens)
+    shared = SharedLayout()  # the encoder and the (ungrouped) decoder backward share one layout
+    enc = sparse_encode(x_BD, w, rule, theta_N, dead_M if use_aux else None, opts.chunk_tokens, shared)
     groups = None
     if group_ends is not None and len(group_ends) > 1:
         groups = group_decode(enc.p, enc.vals_E, w.W_dec_ND, group_ends).cumsum(0)
         xhat = groups[-1]
     else:
-        xhat = sparse_decode_csr(enc.p, enc.vals_E, w.W_dec_ND, enc.probe, enc.probe_zeros_P)
+        xhat = sparse_decode_csr(enc.p, enc.vals_E, w.W_dec_ND, enc.probe, enc.probe_zeros_P, shared)
     ehat = auxk_decode(enc.pre_BM, dead_M, auxk_k, w.W_dec_ND) if use_aux else None
     return SparseResult(xhat, enc, ehat, groups)
 
