@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saekit.autoencoders.kernels import (LatentMajor, Resolved, SAEWeights, SharedLayout, _csr, _pre_buffer,
-                                         add_dead_column_grads, auxk_decode, chunk_rows)
+                                         add_dead_column_grads, auxk_decode, chunk_rows, latent_order)
 
 SPARSE_MAX_DENSITY = 0.08  # fraction of [B, n] in the pattern above which the dense step is faster
 GUESS_MARGIN = 0.9  # BatchTopK: next lo = this * the previous batch's smallest kept value
@@ -87,7 +87,7 @@ def latent_major(p: Csr, n: int, shared: SharedLayout | None = None) -> LatentMa
     if shared is not None:
         return shared.get(lambda: latent_major(p, n))
     lm = LatentMajor.__new__(LatentMajor)
-    lm.order = torch.argsort(p.col, stable=True)
+    lm.order = latent_order(p.col, n)
     lm.tokens = p.row[lm.order]
     lm.crow = torch.zeros(n + 1, dtype=torch.int64, device=p.col.device)
     torch.cumsum(torch.bincount(p.col, minlength=n), 0, out=lm.crow[1:])
