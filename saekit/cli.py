@@ -30,16 +30,11 @@ def cmd_harvest(path, extra):
 
 
 def cmd_train(path, extra):
-    from saekit.config import load_train_configs
     from saekit.schema import parse_override_args
-    from saekit.training.trainer import train, train_many
+    from saekit.training.trainer import train_file
 
     # A file with a `models:` list is a sweep: every run trains from one pass over the data.
-    runs = load_train_configs(path, parse_override_args(extra))
-    if len(runs) == 1:
-        print(f"run: {train(runs[0][1])}")
-        return
-    for run_dir in train_many([cfg for _, cfg in runs]):
+    for run_dir in train_file(path, parse_override_args(extra)):
         print(f"run: {run_dir}")
 
 

@@ -174,6 +174,12 @@ def test_sweep_file_expands_and_trains_from_the_cli(tmp_path, store, capsys):
         metrics = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())
         assert metrics["tokens"] == 256
     assert json.loads((tmp_path / "runs" / "topk-k2" / "metrics.json").read_text())["l0"] <= 2
+    # What torchrun launches reads the same file the same way.
+    from saekit.training.__main__ import main as training_main
+    assert training_main([str(path), "--total_tokens", "256", "--out", str(tmp_path / "again")]) == 0
+    assert capsys.readouterr().out.count("run: ") == 3
+    for name in ("topk-k2", "topk-k4", "relu"):
+        assert_same_runs(tmp_path / "runs" / name, tmp_path / "again" / name)
 
     bad = sweep_yaml(tmp_path / "bad.yaml", store, tmp_path / "bad",
                      models=[{"model": {"kind": "topk"}}, {"model": {"kind": "relu"}, "data": {"batch_tokens": 64}}])

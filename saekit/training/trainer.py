@@ -36,7 +36,7 @@ from torch import Tensor
 
 from saekit.autoencoders import Autoencoder, build, registry
 from saekit.autoencoders.kernels import keep_freed_memory
-from saekit.config import TrainConfig, resolve_device
+from saekit.config import TrainConfig, load_train_configs, resolve_device
 from saekit.errors import ConfigError, UserError
 from saekit.files import directory_lock, read_json, write_json
 from saekit.metrics import FiringStats, Metrics, ReconstructionStats
@@ -84,6 +84,15 @@ def train_many(cfgs: list[TrainConfig], data=None) -> list[Path]:
         raise ConfigError("train_many: no runs given")
     check_shared(cfgs)
     return OnePass([Trainer(cfg) for cfg in cfgs], data).run()
+
+
+def train_file(path: str | Path | None, overrides: dict | None = None) -> list[Path]:
+    """Train what a train YAML holds: one run, or a sweep (a top-level ``models:`` list) from one pass
+    over the data (``load_train_configs``). What ``saekit train`` and ``python -m saekit.training`` do."""
+    runs = load_train_configs(path, overrides)
+    if len(runs) == 1:
+        return [train(runs[0][1])]
+    return train_many([cfg for _, cfg in runs])
 
 
 def check_shared(cfgs: list[TrainConfig]) -> None:
