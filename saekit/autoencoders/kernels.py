@@ -421,6 +421,27 @@ def topk_encode(x_BD: Tensor, w: SAEWeights, k: int, cols_M: Tensor | None = Non
     return _TopKEncode.apply(x_BD, w.b_dec_D, w.W_enc_DN, w.b_enc_N, k, cols_M, opts, shared)
 
 
+def _densify_grad(param: Tensor) -> None:
+    """Post-accumulate hook: a gradient that is still sparse (only AuxK's rows reached it) turns dense,
+    so a parameter's .grad is always a plain tensor (optimizers, clipping and DDP expect one)."""
+    if param.grad is not None and param.grad.is_sparse:
+        param.grad = param.grad.to_dense()
+
+
+def _dead_rows(W_dec_ND: Tensor, dead_M: Tensor) -> Tensor:
+    """W_dec's dead rows. For a parameter, through a sparse-gradient lookup: its gradient is M rows,
+    which autograd adds into the main decode's dense W_dec gradient (through index_select it was a
+    zero-filled [n, d] tensor plus an [n, d] sum: ~3.5 ms per step at n 6144, d 384 on the 2-core CPU,
+    whatever the batch). The hook makes the gradient dense where AuxK's is the only one (a backward of
+    the aux loss alone); it is registered here, once per parameter, so copies of a model get it too."""
+    if not (W_dec_ND.is_leaf and W_dec_ND.requires_grad):
+        return W_dec_ND.index_select(0, dead_M)  # a computed decoder: its producer wants a dense grad
+    hooks = getattr(W_dec_ND, "_post_accumulate_grad_hooks", None) or {}
+    if _densify_grad not in hooks.values():
+        W_dec_ND.register_post_accumulate_grad_hook(_densify_grad)
+    return F.embedding(dead_M, W_dec_ND, sparse=True)
+
+
 def auxk_decode(pre_BM: Tensor, dead_M: Tensor, auxk_k: int, W_dec_ND: Tensor, backend: str = "torch") -> Tensor:
     """AuxK's reconstruction (no decoder bias) from the top auxk_k of the dead latents' pre-activations.
 
@@ -429,11 +450,7 @@ def auxk_decode(pre_BM: Tensor, dead_M: Tensor, auxk_k: int, W_dec_ND: Tensor, b
     M = dead_M.numel()
     vals_BA, loc_BA = pre_BM.topk(min(auxk_k, M), dim=-1, sorted=False)
     vals_BA = vals_BA.relu()
-    # The dead rows through a sparse-gradient lookup: their gradient is M rows (a sparse tensor), which
-    # autograd adds in place into the main decode's dense W_dec gradient. (Through index_select it was
-    # a zero-filled [n, d] tensor plus an out-of-place [n, d] sum: ~3.5 ms per step at n 6144, d 384
-    # on the 2-core CPU, whatever the batch.)
-    W_MD = F.embedding(dead_M, W_dec_ND, sparse=True)
+    W_MD = _dead_rows(W_dec_ND, dead_M)
     if M <= AUXK_DENSE_FACTOR * auxk_k:
         code_BM = torch.zeros_like(pre_BM).scatter(1, loc_BA, vals_BA)
         return code_BM @ W_MD
