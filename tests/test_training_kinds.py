@@ -74,6 +74,49 @@ def assert_resumes_exactly(tmp_path, kind, out, monkeypatch):
         assert torch.equal(a[key], b[key]), key
 
 
+def crash_after_first_checkpoint(tmp_path, monkeypatch, kind="topk"):
+    """A run killed in step 11, after its checkpoint at step 8: (config, run dir)."""
+    real_step = trainer_module.Trainer._step
+
+    def crash(self, *batch):
+        if self.step == 10:
+            raise RuntimeError("simulated crash")
+        real_step(self, *batch)
+
+    cfg, _ = config(tmp_path / "run", kind)
+    monkeypatch.setattr(trainer_module.Trainer, "_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, data=data(kind))
+    monkeypatch.setattr(trainer_module.Trainer, "_step", real_step)
+    return cfg, tmp_path / "run"
+
+
+@pytest.mark.parametrize("name", ["model/model.safetensors", "model/config.json", "optimizer.safetensors",
+                                  "optimizer.json", "trainer.safetensors"])
+def test_a_damaged_checkpoint_is_named_and_kept(tmp_path, monkeypatch, name):
+    """trainer.json lists the sha256 of every other checkpoint file; a resume checks each file before
+    it reads it, and one flipped byte anywhere is a one-line error naming the file (nothing rewritten)."""
+    from saekit.files import sha256_file
+    from saekit.training.checkpoint import DamagedCheckpointError
+
+    cfg, run = crash_after_first_checkpoint(tmp_path, monkeypatch)
+    ckpt = run / "checkpoint"
+    files = json.loads((ckpt / "trainer.json").read_text())["files"]
+    on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
+    assert set(files) == on_disk - {"trainer.json"}
+    assert all(sha256_file(ckpt / n) == sha for n, sha in files.items())
+
+    path = ckpt / name
+    data_bytes = bytearray(path.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0x01
+    path.write_bytes(bytes(data_bytes))
+    with pytest.raises(DamagedCheckpointError) as err:
+        train(cfg, data=data("topk"))
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "delete" in message
+    assert path.read_bytes() == bytes(data_bytes) and not (run / "model").exists()
+
+
 @pytest.mark.parametrize("kind", ["relu", "jumprelu"])
 def test_resume_takes_the_same_dense_or_sparse_path(tmp_path, kind, monkeypatch):
     """ReLU and JumpReLU choose the dense or the sparse step from the previous step's density, and the

@@ -14,6 +14,7 @@ from saekit.autoencoders.base import Autoencoder
 from saekit.autoencoders.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saekit.autoencoders.topk import TopKConfig, TopKSAE
 from saekit.errors import ConfigError
+from saekit.files import sha256_file
 from saekit.training.distributed import Dist
 from saekit.training.sharded import ShardedTopK
 
@@ -106,7 +107,9 @@ def test_saekit_train_with_shard_latents_matches_one_process_and_resumes(tmp_pat
     _train(single, *longer, sharded=False)
     _train(sharded, *longer)
     ckpt = sharded / "checkpoint"
-    assert (ckpt / "optimizer.rank0.safetensors").exists() and (ckpt / "optimizer.rank1.safetensors").exists()
+    files = json.loads((ckpt / "trainer.json").read_text())["files"]  # each rank wrote and hashed its own
+    for name in ("optimizer.rank0.safetensors", "optimizer.rank1.safetensors", "optimizer.rank1.json"):
+        assert files[name] == sha256_file(ckpt / name), name
     a = load_file(str(single / "model" / "model.safetensors"))
     b = load_file(str(sharded / "model" / "model.safetensors"))
     assert a.keys() == b.keys()

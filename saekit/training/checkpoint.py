@@ -7,39 +7,81 @@
                                 (a latent-sharded run: optimizer.rankR.safetensors/.json, one per rank)
         trainer.safetensors     dead-latent tracker, per-rank torch RNG states (uint8), loss history,
                                 per-rank model step state (step_state.RANK.NAME)
-        trainer.json            step, tokens, per-rank data-loader states, world size, wandb id, ...
+        trainer.json            step, tokens, per-rank data-loader states, world size, wandb id, ...,
+                                and "files": the sha256 of every other file (checked on resume)
 
 A checkpoint is written into checkpoint.tmp/ and swapped in with renames, so a kill at any moment
-leaves either the old or the new checkpoint whole (checkpoint.old/ is the old one mid-swap).
+leaves either the old or the new checkpoint whole (checkpoint.old/ is the old one mid-swap). In a
+latent-sharded run each rank writes its own optimizer files into checkpoint.tmp/ (``begin`` first, on
+the main rank), so no rank ever holds another's Adam state; the run directory is shared by the ranks
+anyway, since each reads its own files back on resume.
 """
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from saekit.files import write_json, write_tensors
+from saekit.errors import UserError
+from saekit.files import sha256_file, write_json, write_tensors
 
 CHECKPOINT, TMP, OLD = "checkpoint", "checkpoint.tmp", "checkpoint.old"
 
 
-def save(run_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)`` to fill a fresh directory, then swap it in as run_dir/checkpoint."""
-    final, tmp, old = run_dir / CHECKPOINT, run_dir / TMP, run_dir / OLD
+def begin(run_dir: Path) -> Path:
+    """A fresh, empty run_dir/checkpoint.tmp to write a checkpoint into."""
+    tmp = run_dir / TMP
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def commit(run_dir: Path) -> Path:
+    """Swap the written run_dir/checkpoint.tmp in as run_dir/checkpoint."""
+    final, tmp, old = run_dir / CHECKPOINT, run_dir / TMP, run_dir / OLD
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)  # directories cannot be replaced in one rename, so: old aside, new in
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class DamagedCheckpointError(UserError):
+    """A checkpoint file is missing or does not match the sha256 its trainer.json lists."""
+
+
+def verify(directory: Path, meta: dict, prefix: str) -> None:
+    """Check the files under ``prefix`` (a file name, or a folder with a trailing "/") against the
+    checksums in ``meta`` (trainer.json); a checkpoint from before they were kept has none to check."""
+    files = meta.get("files")
+    if files is None:
+        return
+    names = [n for n in files if n == prefix or (prefix.endswith("/") and n.startswith(prefix))]
+    if not names:
+        raise DamagedCheckpointError(f"{directory / 'trainer.json'} lists no {prefix}; the checkpoint is "
+                                     f"damaged: delete {directory} to train from the start")
+    for name in names:
+        path = directory / name
+        if not path.is_file() or sha256_file(path) != files[name]:
+            state = "is missing" if not path.is_file() else "does not match its sha256 in trainer.json"
+            raise DamagedCheckpointError(f"{path} {state}; the checkpoint is damaged: restore it, or delete "
+                                         f"{directory} to train from the start")
+
+
+def digests(directory: Path, skip: set[str] = frozenset()) -> dict[str, str]:
+    """The sha256 of every file under ``directory`` (relative names) but those in ``skip``."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if path.is_file() and name not in skip:
+            out[name] = sha256_file(path)
+    return out
 
 
 def find(run_dir: Path) -> Path | None:
@@ -52,9 +94,10 @@ def find(run_dir: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------- optimizer
-def save_optimizer(directory: Path, optimizer: torch.optim.Optimizer | dict, file: str = "optimizer") -> None:
+def save_optimizer(directory: Path, optimizer: torch.optim.Optimizer | dict,
+                   file: str = "optimizer") -> dict[str, str]:
     """``file``.safetensors + ``file``.json from an optimizer or its ``state_dict()`` (a latent-sharded
-    run writes one pair per rank: optimizer.rank0, ...)."""
+    run writes one pair per rank: optimizer.rank0, ...). Returns the two files' sha256 by name."""
     state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, entries in state["state"].items():
@@ -65,9 +108,16 @@ def save_optimizer(directory: Path, optimizer: torch.optim.Optimizer | dict, fil
                 scalars.setdefault(str(pid), {})[name] = value
     write_tensors(directory / f"{file}.safetensors", tensors)
     write_json(directory / f"{file}.json", {"param_groups": state["param_groups"], "state": scalars})
+    return {name: sha256_file(directory / name) for name in (f"{file}.safetensors", f"{file}.json")}
 
 
-def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer, file: str = "optimizer") -> None:
+def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer, file: str = "optimizer",
+                   trainer_meta: dict | None = None) -> None:
+    """The optimizer state ``save_optimizer`` wrote, its files checked against ``trainer_meta``'s
+    checksums first (when given)."""
+    if trainer_meta is not None:
+        for suffix in (".safetensors", ".json"):
+            verify(directory, trainer_meta, file + suffix)
     meta = json.loads((directory / f"{file}.json").read_text())
     state: dict[int, dict[str, Any]] = {}
     for key, tensor in load_file(str(directory / f"{file}.safetensors")).items():
@@ -97,11 +147,22 @@ def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
 
 
 # ------------------------------------------------------------------------------------ trainer state
-def save_trainer(directory: Path, meta: dict, tensors: dict[str, Tensor]) -> None:
+def save_trainer(directory: Path, meta: dict, tensors: dict[str, Tensor],
+                 written: dict[str, str] | None = None) -> None:
+    """trainer.safetensors, then trainer.json with the sha256 of every file in ``directory``: those in
+    ``written`` (other ranks' files, hashed where they were written) as given, the rest hashed here."""
     write_tensors(directory / "trainer.safetensors", tensors)
-    write_json(directory / "trainer.json", meta)  # last: its presence marks a complete checkpoint
+    written = dict(written or {})
+    files = {**digests(directory, skip=set(written) | {"trainer.json"}), **written}
+    write_json(directory / "trainer.json", {**meta, "files": files})  # last: marks a complete checkpoint
 
 
 def load_trainer(directory: Path) -> tuple[dict, dict[str, Tensor]]:
-    meta = json.loads((directory / "trainer.json").read_text())
+    """trainer.json and trainer.safetensors, the latter checked against the former's checksum."""
+    try:
+        meta = json.loads((directory / "trainer.json").read_text())
+    except ValueError as err:
+        raise DamagedCheckpointError(f"{directory / 'trainer.json'} is not valid JSON ({err}); the checkpoint "
+                                     f"is damaged: delete {directory} to train from the start") from None
+    verify(directory, meta, "trainer.safetensors")
     return meta, load_file(str(directory / "trainer.safetensors"))

@@ -231,6 +231,7 @@ class Trainer:
             if self.meta is None:
                 model, self.sample = self._init_model()
             else:
+                checkpoint.verify(self.ckpt, self.meta, "model/")
                 model, self.sample = Autoencoder.load(self.ckpt / "model", self.device), None
             model.use_kernels(self.cfg.kernels)
             if self.shard is not None:  # every rank built or loaded the same whole model: keep its slice
@@ -526,10 +527,8 @@ class Trainer:
         cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
         rng_states = distributed.gather_objects((torch.get_rng_state(), cuda_rng), d)
         step_states = distributed.gather_objects({k: v.cpu() for k, v in self.model.step_state().items()}, d)
+        written = self._write_shard_optimizer() if self.shard is not None else None
         whole = self.whole_model()
-        # A latent-sharded run: every rank's Adam state for its shard, written by the main rank.
-        shard_optimizers = (distributed.gather_objects(self.optimizer.state_dict(), self.shard)
-                            if self.shard is not None else None)
         if d.is_main:
             density = self.density.fire_counts
             tensors = {
@@ -550,16 +549,23 @@ class Trainer:
                     "history_columns": HISTORY_COLUMNS, "kind": self.cfg.model.kind,
                     "metrics": self.metrics, "shard_ranks": self.shard.world_size if self.shard else 1}
 
-            def write(directory: Path) -> None:
-                whole.save(directory / "model")
-                if shard_optimizers is None:
-                    checkpoint.save_optimizer(directory, self.optimizer)
-                for rank, state in enumerate(shard_optimizers or []):
-                    checkpoint.save_optimizer(directory, state, f"optimizer.rank{rank}")
-                checkpoint.save_trainer(directory, meta, tensors)
-
-            checkpoint.save(self.run_dir, write)
+            directory = self.run_dir / checkpoint.TMP if written is not None else checkpoint.begin(self.run_dir)
+            whole.save(directory / "model")
+            if written is None:
+                checkpoint.save_optimizer(directory, self.optimizer)
+            checkpoint.save_trainer(directory, meta, tensors, written)
+            checkpoint.commit(self.run_dir)
         distributed.barrier(self.shard or d)
+
+    def _write_shard_optimizer(self) -> dict[str, str]:
+        """A latent-sharded run: each rank writes its own Adam state into the checkpoint being written
+        (the main rank starts it), so no rank holds another's; returns every rank's files' sha256."""
+        if self.shard.is_main:
+            checkpoint.begin(self.run_dir)
+        distributed.barrier(self.shard)
+        mine = checkpoint.save_optimizer(self.run_dir / checkpoint.TMP, self.optimizer,
+                                         f"optimizer.rank{self.shard.rank}")
+        return {name: sha for part in distributed.gather_objects(mine, self.shard) for name, sha in part.items()}
 
     def _restore(self, ckpt: Path, meta: dict, tensors: dict[str, Tensor]) -> None:
         d = self.dist
@@ -582,7 +588,7 @@ class Trainer:
         prefix = f"step_state.{d.rank}."
         self.model.load_step_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         checkpoint.load_optimizer(ckpt, self.optimizer,
-                                  f"optimizer.rank{self.shard.rank}" if self.shard else "optimizer")
+                                  f"optimizer.rank{self.shard.rank}" if self.shard else "optimizer", meta)
         self.stream.load_state_dict(meta["data_state"][d.rank])
         # Last: loading the model above drew random numbers (its fresh init before the weights landed).
         torch.set_rng_state(tensors[f"rng_cpu.{d.rank}"])
