@@ -55,18 +55,7 @@ def test_kind_trains_saves_and_resumes(tmp_path, kind, monkeypatch):
 
 def assert_resumes_exactly(tmp_path, kind, out, monkeypatch):
     """Crash in step 11 (after the checkpoint at step 8), resume: bit-identical to the full run ``out``."""
-    real_step = trainer_module.Trainer._step
-
-    def crash(self, *batch):
-        if self.step == 10:
-            raise RuntimeError("simulated crash")
-        real_step(self, *batch)
-
-    cfg, _ = config(tmp_path / "resumed", kind)
-    monkeypatch.setattr(trainer_module.Trainer, "_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg, data=data(kind))
-    monkeypatch.setattr(trainer_module.Trainer, "_step", real_step)
+    cfg, _ = crash_after_first_checkpoint(tmp_path, monkeypatch, kind)
     resumed = train(cfg, data=data(kind))
     a, b = (load_file(str(p / "model" / "model.safetensors")) for p in (out, resumed))
     assert a.keys() == b.keys()
