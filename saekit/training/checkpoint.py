@@ -95,9 +95,9 @@ def find(run_dir: Path) -> Path | None:
 
 # --------------------------------------------------------------------------------------- optimizer
 def save_optimizer(directory: Path, optimizer: torch.optim.Optimizer | dict,
-                   file: str = "optimizer") -> dict[str, str]:
+                   file: str = "optimizer") -> list[str]:
     """``file``.safetensors + ``file``.json from an optimizer or its ``state_dict()`` (a latent-sharded
-    run writes one pair per rank: optimizer.rank0, ...). Returns the two files' sha256 by name."""
+    run writes one pair per rank: optimizer.rank0, ...). Returns the two files' names."""
     state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, entries in state["state"].items():
@@ -108,7 +108,7 @@ def save_optimizer(directory: Path, optimizer: torch.optim.Optimizer | dict,
                 scalars.setdefault(str(pid), {})[name] = value
     write_tensors(directory / f"{file}.safetensors", tensors)
     write_json(directory / f"{file}.json", {"param_groups": state["param_groups"], "state": scalars})
-    return {name: sha256_file(directory / name) for name in (f"{file}.safetensors", f"{file}.json")}
+    return [f"{file}.safetensors", f"{file}.json"]
 
 
 def load_optimizer(directory: Path, optimizer: torch.optim.Optimizer, file: str = "optimizer",
@@ -152,7 +152,7 @@ def save_trainer(directory: Path, meta: dict, tensors: dict[str, Tensor],
     """trainer.safetensors, then trainer.json with the sha256 of every file in ``directory``: those in
     ``written`` (other ranks' files, hashed where they were written) as given, the rest hashed here."""
     write_tensors(directory / "trainer.safetensors", tensors)
-    written = dict(written or {})
+    written = written or {}
     files = {**digests(directory, skip=set(written) | {"trainer.json"}), **written}
     write_json(directory / "trainer.json", {**meta, "files": files})  # last: marks a complete checkpoint
 

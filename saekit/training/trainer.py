@@ -38,7 +38,7 @@ from saekit.autoencoders import Autoencoder, build, registry
 from saekit.autoencoders.kernels import keep_freed_memory
 from saekit.config import TrainConfig, load_train_configs, resolve_device
 from saekit.errors import ConfigError, UserError
-from saekit.files import directory_lock, read_json, write_json
+from saekit.files import directory_lock, read_json, sha256_file, write_json
 from saekit.metrics import FiringStats, Metrics, ReconstructionStats
 from saekit.schema import config_diff, from_dict, to_dict
 from saekit.training import checkpoint, distributed
@@ -563,8 +563,9 @@ class Trainer:
         if self.shard.is_main:
             checkpoint.begin(self.run_dir)
         distributed.barrier(self.shard)
-        mine = checkpoint.save_optimizer(self.run_dir / checkpoint.TMP, self.optimizer,
-                                         f"optimizer.rank{self.shard.rank}")
+        tmp = self.run_dir / checkpoint.TMP
+        names = checkpoint.save_optimizer(tmp, self.optimizer, f"optimizer.rank{self.shard.rank}")
+        mine = {name: sha256_file(tmp / name) for name in names}
         return {name: sha for part in distributed.gather_objects(mine, self.shard) for name, sha in part.items()}
 
     def _restore(self, ckpt: Path, meta: dict, tensors: dict[str, Tensor]) -> None:
