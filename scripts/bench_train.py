@@ -11,10 +11,13 @@ latent's bias lowered to its (1 - k/n) quantile on the batch; JumpReLU: threshol
 Transcoders (which predict a target activation) get a random target batch of the input's shape.
 ``--batches 512,4096`` times every implementation at each batch size, all steps interleaved in one
 process (smaller batches take proportionally more steps per round), and prints the per-token throughput
-of saekit topk at each size as a fraction of the largest's.
+of saekit topk at each size as a fraction of the largest's. ``--phases`` then times saekit topk's steps
+phase by phase (forward, backward, gradient projection, Adam, renormalization), synchronized, after
+the timed steps, and prints each phase's cost beyond the largest batch's per-token cost: the fixed
+per-step costs that ratio pays for.
 
     python scripts/bench_train.py [--device cpu|cuda] [--d 384 --n 6144 --k 32 --batch 4096 --steps 5]
-                                  [--batches 512,4096] [--dtype fp32|bf16] [--kinds relu,batchtopk,jumprelu]
+                                  [--batches 512,4096 [--phases]] [--dtype fp32|bf16] [--kinds relu,batchtopk,jumprelu]
                                   [--chunk 0] [--triton] [--compile] [--no-naive] [--dense-kinds]
                                   [--topk auto|torch|two_stage] [--compare-topk]
     python scripts/bench_train.py --sweep 8 [--sweep-tokens 65536] [--store DIR --hook HOOK]
@@ -96,23 +99,55 @@ class Stepper:
         self.forward = torch.compile(self.model) if compile else self.model
         self.x, self.autocast_dtype = x, autocast_dtype
         self.opt = make_adam(self.model, 1e-4, (0.9, 0.999), x.device)  # the trainer's optimizer
+        self.phases: list[list[float]] | None = None  # set to [] to record PHASES' seconds per step
 
     def step(self) -> float:
         device = self.x.device
-        sync(device)
-        t0 = time.perf_counter()
+        marks = []
+
+        def mark() -> None:  # a phase boundary, synchronized, only when phases are recorded
+            if self.phases is not None or not marks:
+                sync(device)
+                marks.append(time.perf_counter())
+
+        mark()
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             out = self.forward(self.x) if self.target is None else self.forward(self.x, self.target)
+        mark()
         out.loss.backward()
+        mark()
         self.model.before_optimizer_step()
+        mark()
         self.opt.step()
+        mark()
         self.model.after_optimizer_step()
         self.opt.zero_grad(set_to_none=True)
         sync(device)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - marks[0]
+        if self.phases is not None:
+            self.phases.append([b - a for a, b in zip(marks, marks[1:] + [marks[0] + seconds])])
         self.l0.append(out.nonzero_per_token().float().mean().item())  # untimed
         return seconds
+
+
+PHASES = ("forward", "backward", "grad projection", "adam", "renorm + zero_grad")
+
+
+def phase_table(steppers: dict, batches: list[int]) -> None:
+    """saekit topk's median seconds per phase at each batch size, and each phase's cost beyond the
+    largest batch's per-token cost: the fixed per-step costs the --batches ratio pays for."""
+    top = max(batches)
+    med = {b: [statistics.median(p[i] for p in steppers[b, "saekit topk"].phases) * 1e3 for i in range(len(PHASES))]
+           for b in batches}
+    print(f"{'saekit topk, ms per step':<26}" + "".join(f"{name:>20}" for name in PHASES))
+    for b in batches:
+        print(f"{'batch ' + str(b):<26}" + "".join(f"{m:>20.2f}" for m in med[b]))
+        if b != top:
+            extra = [m - t * b / top for m, t in zip(med[b], med[top])]
+            print(f"{'  beyond ' + str(top) + ' per token':<26}" + "".join(f"{m:>+20.2f}" for m in extra)
+                  + f"   (sum {sum(extra):+.2f})")
+    print()
 
 
 def synthetic_store(directory: Path, d: int, rows: int, hook: str) -> Path:
@@ -191,6 +226,8 @@ def main() -> None:
     ap.add_argument("--topk", default="auto", help="saekit topk's selection: auto, torch, two_stage")
     ap.add_argument("--compare-topk", action="store_true",
                     help="also time saekit topk with the other selection method")
+    ap.add_argument("--phases", action="store_true",
+                    help="also time saekit topk's step phase by phase (synchronized) at each batch size")
     ap.add_argument("--batches", default="", help="comma-separated batch sizes timed in one run, e.g. 512,4096")
     ap.add_argument("--dense-kinds", action="store_true",
                     help="also time each --kinds family's dense reference step (kernels.fast_path: false)")
@@ -267,6 +304,15 @@ def main() -> None:
                     times[key].append(t)
                 else:
                     s.l0.clear()
+
+    if args.phases:  # phase marks synchronize the device, so these steps come after the timed ones
+        for i in range(args.steps):
+            for b in batches:
+                s = steppers[b, "saekit topk"]
+                s.phases = [] if s.phases is None else s.phases
+                for _ in range(reps[b]):
+                    s.step()
+        phase_table(steppers, batches)
 
     tok_s_topk = {}
     for b in batches:
