@@ -105,12 +105,12 @@ class Stepper:
         device = self.x.device
         marks = []
 
-        def mark() -> None:  # a phase boundary, synchronized, only when phases are recorded
-            if self.phases is not None or not marks:
+        def mark(always: bool = False) -> None:  # a phase boundary: synchronizes only to record phases
+            if always or self.phases is not None:
                 sync(device)
                 marks.append(time.perf_counter())
 
-        mark()
+        mark(always=True)
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             out = self.forward(self.x) if self.target is None else self.forward(self.x, self.target)
@@ -123,10 +123,10 @@ class Stepper:
         mark()
         self.model.after_optimizer_step()
         self.opt.zero_grad(set_to_none=True)
-        sync(device)
-        seconds = time.perf_counter() - marks[0]
+        mark(always=True)
+        seconds = marks[-1] - marks[0]
         if self.phases is not None:
-            self.phases.append([b - a for a, b in zip(marks, marks[1:] + [marks[0] + seconds])])
+            self.phases.append([b - a for a, b in zip(marks, marks[1:])])
         self.l0.append(out.nonzero_per_token().float().mean().item())  # untimed
         return seconds
 
@@ -306,12 +306,12 @@ def main() -> None:
                     s.l0.clear()
 
     if args.phases:  # phase marks synchronize the device, so these steps come after the timed ones
+        for b in batches:
+            steppers[b, "saekit topk"].phases = []
         for i in range(args.steps):
             for b in batches:
-                s = steppers[b, "saekit topk"]
-                s.phases = [] if s.phases is None else s.phases
                 for _ in range(reps[b]):
-                    s.step()
+                    steppers[b, "saekit topk"].step()
         phase_table(steppers, batches)
 
     tok_s_topk = {}
