@@ -19,7 +19,7 @@ per-step costs that ratio pays for.
     python scripts/bench_train.py [--device cpu|cuda] [--d 384 --n 6144 --k 32 --batch 4096 --steps 5]
                                   [--batches 512,4096 [--phases]] [--dtype fp32|bf16] [--kinds relu,batchtopk,jumprelu]
                                   [--chunk 0] [--triton] [--compile] [--no-naive] [--dense-kinds]
-                                  [--topk auto|torch|two_stage] [--compare-topk]
+                                  [--topk auto|torch|two_stage|strided] [--compare-topk]
     python scripts/bench_train.py --sweep 8 [--sweep-tokens 65536] [--store DIR --hook HOOK]
 
 ``--sweep N`` times whole training runs instead: N small TopK SAEs (d 384 unless --store, 1536 latents,
@@ -223,7 +223,7 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true", help="skip the naive step (when it would not fit)")
     ap.add_argument("--triton", action="store_true", help="also time the triton backend of the sparse products")
     ap.add_argument("--compile", action="store_true", help="also time saekit topk under torch.compile")
-    ap.add_argument("--topk", default="auto", help="saekit topk's selection: auto, torch, two_stage")
+    ap.add_argument("--topk", default="auto", help="saekit topk's selection: auto, torch, two_stage, strided")
     ap.add_argument("--compare-topk", action="store_true",
                     help="also time saekit topk with the other selection method")
     ap.add_argument("--phases", action="store_true",
@@ -267,7 +267,7 @@ def main() -> None:
             steppers[b, "naive topk"] = Stepper(topk, *common, kernels=KernelOptions(fast_path=False))
         steppers[b, "saekit topk"] = Stepper(topk, *common, kernels=fast)
         if args.compare_topk:
-            other = "torch" if fast.topk_method == "two_stage" else "two_stage"
+            other = "strided" if fast.topk_method == "torch" else "torch"
             steppers[b, f"saekit topk {other}"] = Stepper(topk, *common, kernels=replace(fast, topk_method=other))
         if args.triton:
             steppers[b, "saekit topk triton"] = Stepper(topk, *common, kernels=replace(fast, backend="triton"))

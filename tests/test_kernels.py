@@ -50,8 +50,9 @@ def _same_selection(pre, vals, idx, k):
     assert (idx.sort(-1).values.diff(dim=1) > 0).all()  # k distinct columns
 
 
+@pytest.mark.parametrize("method", ["two_stage", "strided"])
 @pytest.mark.parametrize("case", ["random", "one_group", "ties", "bf16"])
-def test_two_stage_topk_selects_what_torch_topk_does(case):
+def test_two_stage_topk_selects_what_torch_topk_does(case, method):
     g = torch.Generator().manual_seed(8)
     b, n, k = 64, 32 * 24, 16
     pre = torch.randn(b, n, generator=g)
@@ -62,22 +63,44 @@ def test_two_stage_topk_selects_what_torch_topk_does(case):
         pre = torch.randint(0, 6, (b, n), generator=g).float()
     elif case == "bf16":
         pre = pre.bfloat16()
-    vals, idx = kernels.two_stage_topk(pre, k)
-    _same_selection(pre, vals, idx, k)
+    if method == "strided":  # strided groups: the top k inside a few groups is every 24th column
+        if case == "one_group":
+            pre[:, 5::24] += 30
+        for group in (2, 4, 8, 16, 32, 48):
+            vals, idx = kernels.strided_topk(pre, k, group)
+            _same_selection(pre, vals, idx, k)
+    else:
+        vals, idx = kernels.two_stage_topk(pre, k)
+        _same_selection(pre, vals, idx, k)
+
+
+def test_strided_group_fits_the_row():
+    for n in (80, 300, 768, 1536, 6144, 24576, 65536):
+        for k in (1, 6, 16, 32, 64, 128):
+            g = kernels.strided_group(n, k)
+            if g:
+                assert n % g == 0 and n // g >= k and g & (g - 1) == 0
+            else:  # no power of two from 2 divides n with n/g >= k
+                assert all(n % 2**e or n // 2**e < k for e in range(1, 21))
+    assert kernels.strided_group(6144, 32) == 8  # sqrt(6144 / 64) = 9.8
+    assert kernels.strided_group(1536, 128) == 2  # sqrt(6) = 2.4
+    assert kernels.strided_group(7, 2) == 0
 
 
 def test_select_topk_two_stage_and_fallback():
     pre = torch.randn(16, 32 * 10, dtype=F64)
     ref = select_topk(pre, 8)
     assert kernels.TOPK_GROUP == 32
-    for method, width in (("two_stage", 320), ("two_stage", 300), ("torch", 320)):  # 300: no whole groups
+    for method, width in (("two_stage", 320), ("two_stage", 300), ("torch", 320),  # 300: no whole groups
+                          ("strided", 320), ("strided", 7 * 43)):  # 301: no group of a power of two
         got = select_topk(pre[:, :width], 8, method)
         want = select_topk(pre[:, :width], 8)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(select_topk(pre, 8, "two_stage")[0], ref[0])
+    assert torch.equal(select_topk(pre.T.contiguous().T, 8, "strided")[0], ref[0])  # strided rows: torch.topk
     assert kernels.resolve_topk_method("auto", torch.device("cuda")) == "two_stage"
-    assert kernels.resolve_topk_method("auto", torch.device("cpu")) == "torch"
-    with pytest.raises(ConfigError, match="'radix'; did you mean 'auto'.*valid: auto, torch, two_stage"):
+    assert kernels.resolve_topk_method("auto", torch.device("cpu")) == "strided"
+    with pytest.raises(ConfigError, match="'radix'.*valid: auto, strided, torch, two_stage"):
         KernelOptions(topk_method="radix")
 
 
@@ -156,7 +179,7 @@ def test_topk_encode_forward_and_all_grads(with_cols):
             _close(a, b, name)
 
 
-@pytest.mark.parametrize("chunk,topk", [(0, "torch"), (7, "torch"), (7, "two_stage")])  # 7: 48 = 6*7 + 6
+@pytest.mark.parametrize("chunk,topk", [(0, "torch"), (7, "torch"), (7, "two_stage"), (7, "strided")])  # 48 = 6*7 + 6
 @pytest.mark.parametrize("aux_path", ["dense", "sparse"])
 @pytest.mark.parametrize("n_dead", [0, 3, 30])  # none, fewer than auxk_k, more
 def test_fast_topk_sae_matches_naive(n_dead, aux_path, chunk, topk, monkeypatch):

@@ -31,6 +31,8 @@ GEMM 137 ms; ``index_add_`` of materialized [B*k, d] rows 85 ms; ``x.T @ G`` wit
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import threading
 import warnings
@@ -59,8 +61,9 @@ class KernelOptions(Section):
     # each, triton_kernels.py, CUDA; a model trained so still runs on a CPU, through torch).
     backend: Literal["torch", "triton"] = "torch"
     # How the k largest are found: "torch" (torch.topk), "two_stage" (group maxima first, exact, see
-    # two_stage_topk) or "auto" (two_stage on CUDA, torch elsewhere).
-    topk_method: Literal["auto", "torch", "two_stage"] = "auto"
+    # two_stage_topk), "strided" (the same with strided groups, see strided_topk) or "auto"
+    # (two_stage on CUDA, strided elsewhere).
+    topk_method: Literal["auto", "torch", "two_stage", "strided"] = "auto"
 
     def on(self, device: torch.device) -> "Resolved":
         """These options as they apply on ``device``: the backend and top-k method resolved. Resolved
@@ -150,9 +153,12 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
 # --------------------------------------------------------------------------------- top-k selection
 # On an H100, torch.topk over the [B, n] pre-activations is the slowest piece of a TopK step (TARGETS.md:
 # 0.86 ms at GPT-2 shape, 4x the encoder GEMM; about six memory passes). ``two_stage_topk`` selects the
-# same set from ~k·g + n/g candidates after one pass. On the 2-core CPU torch.topk is as fast or faster
-# at n 6144 (one run, B 4096, k 32: 54 vs 74 ms) and two stages win only from n ~24k (136 vs 114 ms), so
-# "auto" means two stages on CUDA and torch.topk elsewhere.
+# same set from ~k·g + n/g candidates after one pass. On the CPU, torch.topk costs a few ns per entry
+# and a reduction over 32 contiguous columns vectorizes poorly, so ``strided_topk`` groups columns
+# j, j + n/g, j + 2n/g, ... instead (the group maxima are then an element-wise max of g contiguous
+# rows) and sizes g to the row (``strided_group``). Interleaved, 2-core CPU (scripts/bench_topk.py):
+# 1.6x torch.topk at B 4096, n 6144, k 32, 1.8x at k 64, 2.1x at n 24576. "auto" means two stages
+# with contiguous groups on CUDA (measured there) and strided groups elsewhere.
 TOPK_GROUP = 32  # g ~ sqrt(n / k) balances the two stages: 24576/32 -> 28, 65536/64 -> 32
 
 
@@ -173,17 +179,47 @@ def two_stage_topk(pre_BN: Tensor, k: int, group: int = TOPK_GROUP) -> tuple[Ten
     return vals_BK, group_BK * group + loc_BK % group
 
 
+@functools.lru_cache(maxsize=256)  # called per chunk of every step
+def strided_group(N: int, k: int) -> int:
+    """``strided_topk``'s group size for rows of N: the power of two nearest sqrt(N / 2k), which
+    minimizes N/g + 2·k·g (the second stage gathers as well as selects, about twice the per-entry
+    cost of the first), among those dividing N with N/g >= k. 0 when no group of 2 or more fits."""
+    target = math.log2(max(N / (2 * k), 1.0)) / 2  # log2 of sqrt(N / 2k)
+    for e in sorted(range(1, 21), key=lambda e: abs(e - target)):
+        if N % (1 << e) == 0 and N >> e >= k:
+            return 1 << e
+    return 0
+
+
+def strided_topk(pre_BN: Tensor, k: int, group: int) -> tuple[Tensor, Tensor]:
+    """(vals_BK, idx_BK), unsorted, of the k largest entries per row; the same set as torch.topk.
+
+    Group g of the N/group groups holds columns g, g + N/group, g + 2N/group, ... (any partition
+    will do for ``two_stage_topk``'s argument: the k groups with the largest maxima hold every entry
+    of the top k). Needs contiguous rows, N % group == 0 and k <= N / group."""
+    B, N = pre_BN.shape
+    m = N // group
+    top_groups_BK = pre_BN.view(B, group, m).amax(1).topk(k, dim=-1, sorted=False).indices
+    cols_BC = (top_groups_BK[:, :, None] + torch.arange(0, N, m, device=pre_BN.device)).view(B, k * group)
+    vals_BK, loc_BK = pre_BN.gather(1, cols_BC).topk(k, dim=-1, sorted=False)
+    return vals_BK, cols_BC.gather(1, loc_BK)
+
+
 def resolve_topk_method(method: str, device: torch.device) -> str:
-    return ("two_stage" if device.type == "cuda" else "torch") if method == "auto" else method
+    return ("two_stage" if device.type == "cuda" else "strided") if method == "auto" else method
 
 
 def select_topk(pre_BN: Tensor, k: int, method: str = "torch") -> tuple[Tensor, Tensor]:
     """Top-k + ReLU per row. Returns (idx_BK, vals_BK), indices sorted ascending within each row
     (CSR kernels want sorted column indices, and a canonical order makes outputs comparable).
-    ``method``: "torch" (torch.topk) or "two_stage" (where the width allows; else torch.topk)."""
+    ``method``: "torch" (torch.topk), "two_stage" or "strided" (where the width allows; else
+    torch.topk)."""
     N = pre_BN.shape[1]
+    group = strided_group(N, k) if method == "strided" and pre_BN.is_contiguous() else 0
     if method == "two_stage" and N % TOPK_GROUP == 0 and k <= N // TOPK_GROUP:
         vals_BK, idx_BK = two_stage_topk(pre_BN, k, TOPK_GROUP)
+    elif group:
+        vals_BK, idx_BK = strided_topk(pre_BN, k, group)
     else:
         vals_BK, idx_BK = pre_BN.topk(k, dim=-1, sorted=False)
     idx_BK, order_BK = idx_BK.sort(dim=-1)
