@@ -70,12 +70,13 @@ def plan(cfg: CompareConfig) -> list[tuple[str, TrainConfig]]:
 
 
 # ------------------------------------------------------------------------------------------ running
-def ensure_store(cfg: CompareConfig) -> Path:
-    """The store at ``cfg.store``, harvested (or finished) first when it is not complete."""
-    from saekit.data.store import StoreReader
+def ensure_store(cfg: CompareConfig) -> Path | str:
+    """The store at ``cfg.store`` (a path or an fsspec URL), harvested (or finished) first when it is
+    not complete."""
+    from saekit.data.store import store_complete, store_location
 
-    store = Path(cfg.store)
-    if (store / "manifest.json").exists() and StoreReader(store, verify=False).complete:
+    store = store_location(cfg.store)
+    if store_complete(store):
         return store
     from saekit.harvest import harvest
 

@@ -1,6 +1,7 @@
-"""Activation stores on object storage: a real S3 server (moto's standalone server on 127.0.0.1) and the
-real s3fs client. A harvest into s3:// killed with SIGKILL and resumed equals a local harvest byte for
-byte, a damaged object is named, and training from the bucket gives the weights training from disk does."""
+"""Activation stores on object storage, each against a real server on 127.0.0.1 and the real fsspec client:
+S3 (moto's standalone server, s3fs) and Google Cloud Storage (gcp-storage-emulator, gcsfs). On each, a
+harvest killed with SIGKILL and resumed equals a local harvest byte for byte, a damaged object is named,
+and training from the bucket gives the weights training from disk does."""
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from saekit.config import DataConfig, HarvestConfig
@@ -61,6 +63,44 @@ def s3():
 
 
 @pytest.fixture(scope="module")
+def gcs():
+    """gcp-storage-emulator's GCS server on 127.0.0.1 with one bucket; STORAGE_EMULATOR_HOST points every
+    gcsfs client (this process, its subprocesses) at it. Yields a gcsfs filesystem."""
+    emulator = pytest.importorskip("gcp_storage_emulator.server")
+    # gcsfs's default class first asks the gRPC storage-control API for the bucket's type, which the
+    # emulator does not serve (each call would wait out a 60 s timeout): the plain JSON-API class.
+    env = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    saved = {k: os.environ.get(k) for k in (*env, "STORAGE_EMULATOR_HOST")}
+    os.environ.update(env)
+    gcsfs = pytest.importorskip("gcsfs")
+    port = _free_port()
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+    server.start()
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    yield gcsfs.GCSFileSystem()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def bucket(request):
+    """(filesystem, the test bucket's URL) on each object store."""
+    fs = request.getfixturevalue("s3" if request.param == "s3" else "gcs")
+    return fs, f"{request.param}://{BUCKET}"
+
+
+def _key(url: str) -> str:
+    """An object URL as its filesystem's path (the bucket and key)."""
+    return url.split("://", 1)[1]
+
+
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return save_tiny("gpt2", root / "gpt2"), write_corpus(root / "corpus.txt")
@@ -82,30 +122,31 @@ def _cli_harvest(out: str, tiny) -> subprocess.Popen:
 
 def _listed(fs, url: str) -> dict | None:
     try:
-        return json.loads(fs.cat_file(f"{url[5:]}/manifest.json"))
+        return json.loads(fs.cat_file(f"{_key(url)}/manifest.json"))
     except FileNotFoundError:
         return None
 
 
 @pytest.fixture(scope="module")
-def stores(s3, tiny, tmp_path_factory):
-    """(local store, s3 URL of the same harvest, killed once mid-way with SIGKILL and resumed)."""
+def stores(bucket, tiny, tmp_path_factory):
+    """(local store, the bucket's URL of the same harvest, killed once mid-way with SIGKILL and resumed)."""
+    fs, root = bucket
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same kernels as the OMP_NUM_THREADS=1 subprocess
     try:
         local = harvest(_harvest_cfg(tmp_path_factory.mktemp("local") / "store", tiny))
-        url = f"s3://{BUCKET}/store"
+        url = f"{root}/store"
         proc = _cli_harvest(url, tiny)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            manifest = _listed(s3, url)
+            manifest = _listed(fs, url)
             if manifest and len(manifest["shards"]) >= 3:
                 break
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate()
         assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
-        killed = _listed(s3, url)
+        killed = _listed(fs, url)
         assert killed is not None and not killed["complete"] and len(killed["shards"]) >= 3  # really mid-way
         assert harvest(_harvest_cfg(url, tiny)) == url  # the resume, in this process
     finally:
@@ -113,13 +154,13 @@ def stores(s3, tiny, tmp_path_factory):
     return local, url
 
 
-def test_killed_and_resumed_s3_harvest_equals_the_local_one(s3, stores):
-    local, url = stores
+def test_killed_and_resumed_remote_harvest_equals_the_local_one(bucket, stores):
+    (fs, _), (local, url) = bucket, stores
     files = sorted(p.name for p in local.iterdir() if not p.name.startswith("."))  # not the lock file
-    objects = sorted(p.rsplit("/", 1)[-1] for p in s3.ls(url[5:], refresh=True))
+    objects = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(_key(url), refresh=True))
     assert objects == files and len(files) > 10
     for name in files:
-        assert s3.cat_file(f"{url[5:]}/{name}") == (local / name).read_bytes(), name
+        assert fs.cat_file(f"{_key(url)}/{name}") == (local / name).read_bytes(), name
     remote, disk = StoreReader(url), StoreReader(local)
     assert remote.complete and remote.n_rows == disk.n_rows == 3000
     rows = torch.randperm(remote.n_rows, generator=torch.Generator().manual_seed(0))[:500]
@@ -127,7 +168,7 @@ def test_killed_and_resumed_s3_harvest_equals_the_local_one(s3, stores):
     assert all(torch.equal(a, b) for a, b in zip(remote.token_info(rows), disk.token_info(rows)))
 
 
-def test_training_from_s3_gives_the_weights_of_training_from_disk(stores, tmp_path, one_thread):
+def test_training_from_a_bucket_gives_the_weights_of_training_from_disk(stores, tmp_path, one_thread):
     from saekit.autoencoders import TopKConfig
     from saekit.config import TrainConfig
     from saekit.training import train
@@ -141,16 +182,40 @@ def test_training_from_s3_gives_the_weights_of_training_from_disk(stores, tmp_pa
         return run, {f.name: load_file(f) for f in sorted((run / "model").glob("*.safetensors"))}
 
     local, url = stores
-    (_, on_disk), (run, from_s3) = weights(local, "local"), weights(url, "s3")
-    assert on_disk and on_disk.keys() == from_s3.keys()
+    (_, on_disk), (run, remote) = weights(local, "local"), weights(url, "remote")
+    assert on_disk and on_disk.keys() == remote.keys()
     for name, tensors in on_disk.items():
-        assert tensors.keys() == from_s3[name].keys()
-        assert all(torch.equal(t, from_s3[name][k]) for k, t in tensors.items()), name
+        assert tensors.keys() == remote[name].keys()
+        assert all(torch.equal(t, remote[name][k]) for k, t in tensors.items()), name
     # Analysis reads the run's store setting through pathlib (s3:/...): still the bucket.
     from saekit.analysis import FeatureReport
 
     report = FeatureReport.build(run, max_tokens=600, batch_tokens=256, progress=False, device="cpu")
     assert str(report.reader.directory) == url and report.stats.n_tokens == 600
+
+
+def test_compare_on_a_bucket_store_trains_from_it_without_harvesting(bucket, stores, tiny, tmp_path,
+                                                                      one_thread):
+    from saekit.compare import compare
+
+    fs, _ = bucket
+    _, url = stores
+    manifest = fs.cat_file(f"{_key(url)}/manifest.json")
+    model, corpus = tiny
+    cfg = {"out": str(tmp_path / "out"), "store": url,
+           "harvest": {"model": str(model), "dataset": str(corpus), **HARVEST},
+           "train": {"total_tokens": 512, "device": "cpu", "log_every_steps": 2, "model": {"n_latents": 32},
+                     "data": {"hook": HOOK, "batch_tokens": 128, "buffer_tokens": 512, "heldout_tokens": 500}},
+           "eval": {"downstream_sequences": 2, "device": "cpu"},
+           "models": [{"name": "topk", "model": {"kind": "topk", "k": 4}}, {"model": {"kind": "pca", "n_latents": 8}}]}
+    (tmp_path / "compare.yaml").write_text(yaml.safe_dump(cfg))
+    report = compare(tmp_path / "compare.yaml")
+    assert fs.cat_file(f"{_key(url)}/manifest.json") == manifest  # the complete store was not harvested again
+    md = report.read_text()
+    assert f"Store `{url}`" in md and "| topk |" in md and "| pca |" in md
+    rows = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert [r["method"] for r in rows] == ["topk", "pca"] and all(r["fvu"] >= 0 for r in rows)
+    assert all(r["downstream_name"] == "ce_loss_recovered" for r in rows)
 
 
 def _small_store(url: str) -> str:
@@ -160,12 +225,13 @@ def _small_store(url: str) -> str:
     return url
 
 
-def test_a_damaged_object_is_a_corrupt_shard_error_naming_it(s3):
-    url = _small_store(f"s3://{BUCKET}/damaged")
+def test_a_damaged_object_is_a_corrupt_shard_error_naming_it(bucket):
+    fs, root = bucket
+    url = _small_store(f"{root}/damaged")
     key = f"{BUCKET}/damaged/shard_00001.safetensors"
-    data = bytearray(s3.cat_file(key))
+    data = bytearray(fs.cat_file(key))
     data[-10] ^= 0xFF  # same size: only the checksum can tell
-    s3.pipe_file(key, bytes(data))
+    fs.pipe_file(key, bytes(data))
     reader = StoreReader(url)
     reader.activations(HOOKS[0], rows=(0, 5))  # shard 0 is intact
     with pytest.raises(CorruptShardError, match=f"shard_00001.safetensors does not match its sha256 checksum "
@@ -173,13 +239,13 @@ def test_a_damaged_object_is_a_corrupt_shard_error_naming_it(s3):
         reader.activations(HOOKS[0])
     with pytest.raises(CorruptShardError, match=f"{url}/shard_00001.safetensors: does not match its sha256"):
         StoreWriter(url, META, CONFIG, HOOKS, D, shard_sequences=5)  # nor is it resumed
-    s3.rm_file(key)
+    fs.rm_file(key)
     with pytest.raises(CorruptShardError, match="shard shard_00001.safetensors is missing"):
         StoreReader(url).activations(HOOKS[0])
 
 
-def test_prefetch_fetches_ahead_within_the_cache_bound(s3):
-    url = _small_store(f"s3://{BUCKET}/prefetch")
+def test_prefetch_fetches_ahead_within_the_cache_bound(bucket):
+    url = _small_store(f"{bucket[1]}/prefetch")
     reader = StoreReader(url, cache_shards=2)
     reader.prefetch([2, 0, 1])
     for job in list(reader._cache.values()):
@@ -203,6 +269,14 @@ def test_backend_errors_are_one_line_and_name_the_url(s3):
     url = f"s3://{BUCKET}/store"
     with pytest.raises(StoreError, match=f"^{url}: cannot use this store \\(EndpointConnectionError") as err:
         StoreReader(url, storage_options=closed)
+    assert "\n" not in str(err.value)
+
+
+def test_a_missing_gcs_bucket_is_one_line_naming_the_url(gcs):
+    # (A closed endpoint is the s3 test's case: gcsfs retries it with backoff for about 30 s.)
+    missing = f"gs://no-such-bucket-{os.getpid()}/store"
+    with pytest.raises(StoreError, match=f"^{missing}: cannot use this store .*STORAGE_EMULATOR_HOST") as err:
+        StoreWriter(missing, META, CONFIG, HOOKS, D)
     assert "\n" not in str(err.value)
 
 

@@ -131,6 +131,10 @@ def _check_schema(path: Path | str, entry, schema: dict, where: str) -> None:
 # ------------------------------------------------------------------------------- where a store lives
 # The extra that installs the fsspec backend of a protocol (`pip install saekit[s3]`).
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+# The environment variable that points each backend at another endpoint (an S3-compatible server, the
+# GCS emulator).
+_ENDPOINT_VARIABLES = {"s3": "AWS_ENDPOINT_URL", "s3a": "AWS_ENDPOINT_URL", "gs": "STORAGE_EMULATOR_HOST",
+                       "gcs": "STORAGE_EMULATOR_HOST"}
 # Where the exceptions of remote backends come from: these become one-line StoreErrors naming the URL.
 _BACKEND_MODULES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "huggingface_hub",
                     "requests", "urllib3", "fsspec"}
@@ -149,6 +153,13 @@ def store_location(directory: str | os.PathLike) -> Path | str:
     if protocol in (None, "file", "local"):
         return Path(rest if protocol else text)
     return text.rstrip("/")
+
+
+def store_complete(directory: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    """Whether ``directory`` (a path or an fsspec URL) holds a finished store: a valid manifest that
+    says so. (A damaged or foreign manifest is an error, not an absent store.)"""
+    files = _open_files(directory, storage_options)
+    return files.exists(MANIFEST) and _read_manifest(files)["complete"]
 
 
 def _remote_protocols() -> set[str]:
@@ -253,8 +264,9 @@ class _Remote:
 
     def _unreachable(self, err: BaseException) -> StoreError:
         detail = " ".join(f"{type(err).__name__}: {err}".split())
+        endpoint = _ENDPOINT_VARIABLES.get(fsspec.core.split_protocol(self.where)[0])
         return StoreError(f"{self.where}: cannot use this store ({detail}); check the bucket, the credentials "
-                          "and the endpoint (AWS_ENDPOINT_URL or storage_options)")
+                          f"and the endpoint ({f'{endpoint} or ' if endpoint else ''}storage_options)")
 
     def exists(self, name: str) -> bool:
         with self._errors():
