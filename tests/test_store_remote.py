@@ -47,17 +47,13 @@ def s3():
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server._port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir(BUCKET)
-    yield fs
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:  # the variables are restored after the module
+        for k, v in env.items():
+            mp.setenv(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(BUCKET)
+        yield fs
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 
@@ -67,25 +63,19 @@ def gcs():
     """gcp-storage-emulator's GCS server on 127.0.0.1 with one bucket; STORAGE_EMULATOR_HOST points every
     gcsfs client (this process, its subprocesses) at it. Yields a gcsfs filesystem."""
     emulator = pytest.importorskip("gcp_storage_emulator.server")
-    # gcsfs's default class first asks the gRPC storage-control API for the bucket's type, which the
-    # emulator does not serve (each call would wait out a 60 s timeout): the plain JSON-API class.
-    env = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    saved = {k: os.environ.get(k) for k in (*env, "STORAGE_EMULATOR_HOST")}
-    os.environ.update(env)
-    gcsfs = pytest.importorskip("gcsfs")
-    port = _free_port()
-    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    yield gcsfs.GCSFileSystem()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    server.stop()
+    with pytest.MonkeyPatch.context() as mp:
+        # gcsfs's default class first asks the gRPC storage-control API for the bucket's type, which the
+        # emulator does not serve (each call would wait out a 60 s timeout): the plain JSON-API class.
+        mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read when gcsfs is imported
+        gcsfs = pytest.importorskip("gcsfs")
+        port = _free_port()
+        server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+        server.start()
+        mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        yield gcsfs.GCSFileSystem()
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        server.stop()
 
 
 @pytest.fixture(scope="module", params=["s3", "gs"])
