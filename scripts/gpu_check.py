@@ -8,7 +8,8 @@
 2. Throughput: `scripts/bench_train.py --device cuda` at the GPT-2-small and Gemma-2-2B shapes (fp32/tf32
    with the naive step, then bf16 autocast with the triton backend, torch.compile and torch.topk
    selection (the default on CUDA is two-stage) beside it, each
-   with its peak memory), the CUDA tests, the loader into GPU memory, then
+   with its peak memory), the top-k selections alone (scripts/bench_topk.py), the CUDA tests, the
+   loader into GPU memory, then
    `scripts/bench_harvest.py --gpt2-shape` on the GPU.
 Prints one short table; each benchmark keeps its own `ratio X (goal >= Y)` line.
 """
@@ -81,6 +82,9 @@ def main():
             print(f"\n== bench_train {name} {dtype}")
             print(bench(["scripts/bench_train.py", "--device", "cuda", "--dtype", dtype, "--steps", "20",
                          "--warmup", "3", *extra, *shape]))
+    print("\n== bench_topk on CUDA: torch.topk, two stages (CUDA's default) and strided (the CPU's)")
+    print(bench(["scripts/bench_topk.py", "--device", "cuda", "--repeats", "20",
+                 "--shapes", "4096x24576x32,4096x65536x64,4096x6144x32"]))
     print("\n== the CUDA tests (skipped in CI): loader on the GPU vs the CPU loader, ...")
     print(bench(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "tests/test_data_loader.py"])[-600:])
     print("\n== bench_loader to GPU memory, d 768 bf16 store, against the 2.5M tok/s step goal")

@@ -145,6 +145,20 @@ def test_topk_keeps_k_per_token():
     assert out.nonzero_per_token().max() <= K
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_remove_parallel_grad_is_the_orthogonal_projection(transposed):
+    from saekit.autoencoders.sae import remove_parallel_grad_
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.nn.Parameter(torch.randn(40, 12, generator=g, dtype=torch.float64) * 3)  # rows not unit norm
+    grad = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    W.grad = grad.T.contiguous().T if transposed else grad.clone()  # a non-contiguous gradient too
+    remove_parallel_grad_(W)
+    w = W.detach()
+    want = grad - (grad * w).sum(-1, keepdim=True) / (w * w).sum(-1, keepdim=True) * w
+    torch.testing.assert_close(W.grad, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["topk", "batchtopk"])
 def test_gradient_projection_and_unit_norm_after_step(kind):
     model = randomize_(make(kind))

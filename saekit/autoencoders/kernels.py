@@ -157,8 +157,8 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
 # and a reduction over 32 contiguous columns vectorizes poorly, so ``strided_topk`` groups columns
 # j, j + n/g, j + 2n/g, ... instead (the group maxima are then an element-wise max of g contiguous
 # rows) and sizes g to the row (``strided_group``). Interleaved, 2-core CPU (scripts/bench_topk.py):
-# 1.6x torch.topk at B 4096, n 6144, k 32, 1.8x at k 64, 2.1x at n 24576. "auto" means two stages
-# with contiguous groups on CUDA (measured there) and strided groups elsewhere.
+# 1.5x torch.topk at B 4096, n 6144, k 32, 1.65x at k 64, 1.9x at n 24576 (B 1024), 2.1x at n 65536
+# (B 256). "auto" means two stages with contiguous groups on CUDA (measured there), strided elsewhere.
 TOPK_GROUP = 32  # g ~ sqrt(n / k) balances the two stages: 24576/32 -> 28, 65536/64 -> 32
 
 
