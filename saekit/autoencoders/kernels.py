@@ -31,7 +31,6 @@ GEMM 137 ms; ``index_add_`` of materialized [B*k, d] rows 85 ms; ``x.T @ G`` wit
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import threading
@@ -179,7 +178,6 @@ def two_stage_topk(pre_BN: Tensor, k: int, group: int = TOPK_GROUP) -> tuple[Ten
     return vals_BK, group_BK * group + loc_BK % group
 
 
-@functools.lru_cache(maxsize=256)  # called per chunk of every step
 def strided_group(N: int, k: int) -> int:
     """``strided_topk``'s group size for rows of N: the power of two nearest sqrt(N / 2k), which
     minimizes N/g + 2·k·g (the second stage gathers as well as selects, about twice the per-entry
