@@ -15,6 +15,7 @@ import argparse
 import time
 
 import torch
+from bench_train import sync  # the script beside this one (scripts/ is on the path when run)
 
 from saekit.autoencoders.kernels import (TOPK_GROUP, keep_freed_memory, strided_group, strided_topk,
                                          two_stage_topk)
@@ -40,12 +41,10 @@ def timed(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     return {name: sorted(ts)[len(ts) // 2] * 1e3 for name, ts in times.items()}
 

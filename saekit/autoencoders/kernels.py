@@ -213,10 +213,9 @@ def select_topk(pre_BN: Tensor, k: int, method: str = "torch") -> tuple[Tensor, 
     ``method``: "torch" (torch.topk), "two_stage" or "strided" (where the width allows; else
     torch.topk)."""
     N = pre_BN.shape[1]
-    group = strided_group(N, k) if method == "strided" and pre_BN.is_contiguous() else 0
     if method == "two_stage" and N % TOPK_GROUP == 0 and k <= N // TOPK_GROUP:
         vals_BK, idx_BK = two_stage_topk(pre_BN, k, TOPK_GROUP)
-    elif group:
+    elif method == "strided" and pre_BN.is_contiguous() and (group := strided_group(N, k)):
         vals_BK, idx_BK = strided_topk(pre_BN, k, group)
     else:
         vals_BK, idx_BK = pre_BN.topk(k, dim=-1, sorted=False)
